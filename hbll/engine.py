@@ -1,0 +1,250 @@
+"""Training-step engines: the HBLL reference engine and the backprop baseline.
+
+An engine computes the loss of one training step and records the task graph it executed.
+The caller owns ``loss.backward()`` and the optimizer step, so the same engine serves a
+plain PyTorch loop, the Lightning strategy and later distributed engines.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from hbll.critical_path import Task, TaskGraph
+from hbll.model import HBLLModel, check_hidden_shape
+from hbll.objectives import ObjectiveConfig, consistency_terms
+from hbll.tree import Node
+
+__all__ = ["StepResult", "ReferenceEngine", "BackpropEngine", "build_engine", "train_step"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    """The outcome of one engine step.
+
+    Attributes:
+        loss: the sum of all local losses; ``loss.backward()`` gives every node its local
+            gradient.
+        node_losses: per node name, the detached ``"exit"`` and ``"consistency"`` parts of
+            its loss (the backprop engine reports one entry, ``"full"``, with ``"task"``).
+        critical_path: sequential module evaluations of the executed task graph, forward
+            and backward.
+        messages: the detached message of every node, by node (empty for backprop).
+        local_losses: the loss ``L_v`` of every node with its autograd graph, by node
+            (empty for backprop); their sum is ``loss``.
+        task_graph: the recorded task graph.
+    """
+
+    loss: torch.Tensor
+    node_losses: dict[str, dict[str, torch.Tensor]]
+    critical_path: int
+    messages: dict[Node, torch.Tensor] = field(default_factory=dict)
+    local_losses: dict[Node, torch.Tensor] = field(default_factory=dict)
+    task_graph: TaskGraph = field(default_factory=TaskGraph)
+
+
+class ReferenceEngine:
+    """The HBLL training step, one node at a time in one process.
+
+    This engine defines the semantics that other engines must reproduce.
+
+    Args:
+        objective: weights of the local objectives.
+        consistency_sweeps: K, the number of Jacobi sweeps that refine the leaf messages.
+            After N - 1 sweeps the leaf messages are exact, so larger values are clamped to
+            N - 1 and cost nothing extra.
+    """
+
+    name = "reference"
+
+    def __init__(self, objective: Optional[ObjectiveConfig] = None, consistency_sweeps: int = 0) -> None:
+        if consistency_sweeps < 0:
+            raise ValueError(f"consistency_sweeps must be >= 0, got {consistency_sweeps}")
+        self.objective = objective or ObjectiveConfig()
+        self.consistency_sweeps = consistency_sweeps
+
+    def compute_losses(self, model: HBLLModel, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        """Run one HBLL step on the batch ``(x, y)`` and return the summed local losses."""
+        graph = TaskGraph()
+        hidden_states = model.stem(x)
+        stem_task = graph.add("stem")
+
+        messages, message_tasks = self._forward_messages(model, hidden_states.detach(), stem_task, graph)
+        self._refine_leaf_messages(model, messages, message_tasks, graph)
+        outputs, output_tasks = self._node_outputs(model, hidden_states, messages, message_tasks, graph)
+        local_losses = self._local_losses(model, outputs, output_tasks, y, graph)
+        node_losses = {
+            node.name: {"exit": parts["exit"].detach(), "consistency": parts["consistency"].detach()}
+            for node, parts in local_losses.items()
+        }
+        losses = {node: parts["total"] for node, parts in local_losses.items()}
+        loss = torch.stack(list(losses.values())).sum()
+        return StepResult(loss, node_losses, graph.critical_path, messages, losses, graph)
+
+    def _forward_messages(
+        self, model: HBLLModel, z0: torch.Tensor, stem_task: Task, graph: TaskGraph
+    ) -> tuple[dict[Node, torch.Tensor], dict[Node, Task]]:
+        # Level l + 1 needs only level l, so all messages exist after L rounds. Messages
+        # carry no gradient: they are the detached inputs of the nodes below.
+        tree = model.tree
+        messages = {tree.root: z0}
+        tasks = {tree.root: stem_task}
+        with torch.no_grad():
+            for level in tree.levels[:-1]:
+                for node in level:
+                    if node.is_leaf:
+                        continue
+                    left, right = tree.children(node)
+                    messages[left], tasks[left] = messages[node], tasks[node]
+                    right_message = model.node_module(left)(messages[node])
+                    check_hidden_shape(left, messages[node], right_message)
+                    messages[right] = right_message
+                    tasks[right] = graph.add(f"message {right}", [tasks[node]])
+        return messages, tasks
+
+    def _refine_leaf_messages(
+        self, model: HBLLModel, messages: dict[Node, torch.Tensor], tasks: dict[Node, Task], graph: TaskGraph
+    ) -> None:
+        # Jacobi sweeps u_i <- B_{i-1}(u_{i-1}) for all i >= 1 at once. Each sweep is one
+        # synchronous round over all leaves, so its task waits for the whole previous round.
+        leaves = model.tree.leaves
+        sweeps = min(self.consistency_sweeps, len(leaves) - 1)
+        with torch.no_grad():
+            for sweep in range(sweeps):
+                previous = [messages[leaf] for leaf in leaves]
+                round_task = graph.add(f"sweep {sweep}", [tasks[leaf] for leaf in leaves])
+                for i in range(1, len(leaves)):
+                    messages[leaves[i]] = model.blocks[i - 1](previous[i - 1])
+                    tasks[leaves[i]] = round_task
+
+    def _node_outputs(
+        self,
+        model: HBLLModel,
+        hidden_states: torch.Tensor,
+        messages: dict[Node, torch.Tensor],
+        message_tasks: dict[Node, Task],
+        graph: TaskGraph,
+    ) -> tuple[dict[Node, torch.Tensor], dict[Node, Task]]:
+        # Nodes whose span starts at 0 read z_0 with its graph, so the stem learns through
+        # them. Every other node reads its detached message, so no gradient crosses a node.
+        outputs, tasks = {}, {}
+        for node in model.tree.nodes:
+            node_input = hidden_states if node.start == 0 else messages[node].detach()
+            outputs[node] = model.node_module(node)(node_input)
+            check_hidden_shape(node, node_input, outputs[node])
+            tasks[node] = graph.add(f"forward {node}", [message_tasks[node]])
+        return outputs, tasks
+
+    def _local_losses(
+        self,
+        model: HBLLModel,
+        outputs: dict[Node, torch.Tensor],
+        output_tasks: dict[Node, Task],
+        y: torch.Tensor,
+        graph: TaskGraph,
+    ) -> dict[Node, dict[str, torch.Tensor]]:
+        """Return, per node, its ``"exit"`` and ``"consistency"`` terms and their weighted ``"total"``."""
+        objective = self.objective
+        tree = model.tree
+        zero = outputs[tree.root].new_zeros(())
+        exit_terms = {node: zero for node in tree.nodes}
+        consistency = {node: zero for node in tree.nodes}
+        loss_deps: dict[Node, list[Task]] = {node: [output_tasks[node]] for node in tree.nodes}
+
+        for node in tree.nodes:
+            if objective.exit_weight > 0:
+                logits = model.exit_head(node.end)(outputs[node])
+                exit_terms[node] = objective.task_loss(logits, y)
+                loss_deps[node] = [graph.add(f"exit {node}", [output_tasks[node]])]
+            if node.is_leaf or objective.consistency_weight == 0:
+                continue
+            _, right = tree.children(node)
+            coarse, fine = consistency_terms(
+                outputs[node], outputs[right], model.log_sigma[node.name], objective.consistency_lambda
+            )
+            consistency[node] = consistency[node] + coarse
+            consistency[right] = consistency[right] + fine
+            loss_deps[node].append(output_tasks[right])
+            loss_deps[right].append(output_tasks[node])
+
+        # Backward: each node's gradient runs through its exit head and its own module
+        # only; the stem's backward waits for the nodes whose span starts at 0.
+        stem_deps = []
+        for node in tree.nodes:
+            exit_backward = graph.add(f"backward exit {node}", loss_deps[node])
+            node_backward = graph.add(f"backward {node}", [exit_backward])
+            if node.start == 0:
+                stem_deps.append(node_backward)
+        graph.add("backward stem", stem_deps)
+
+        return {
+            node: {
+                "exit": exit_terms[node],
+                "consistency": consistency[node],
+                "total": objective.exit_weight * exit_terms[node] + objective.consistency_weight * consistency[node],
+            }
+            for node in tree.nodes
+        }
+
+
+class BackpropEngine:
+    """End-to-end backprop through the full network: stem, all N blocks, head.
+
+    It trains exactly the network that ``model(x)`` runs, so comparisons with HBLL use the
+    same architecture. Shortcuts and exit heads receive no gradient.
+    """
+
+    name = "backprop"
+
+    def __init__(self, objective: Optional[ObjectiveConfig] = None) -> None:
+        self.objective = objective or ObjectiveConfig()
+
+    def compute_losses(self, model: HBLLModel, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        graph = TaskGraph()
+        forward_tasks = [graph.add("stem")]
+        hidden_states = model.stem(x)
+        for node in model.tree.leaves:
+            output = model.blocks[node.start](hidden_states)
+            check_hidden_shape(node, hidden_states, output)
+            hidden_states = output
+            forward_tasks.append(graph.add(f"forward {node}", [forward_tasks[-1]]))
+        logits = model.head(hidden_states)
+        forward_tasks.append(graph.add("head", [forward_tasks[-1]]))
+        loss = self.objective.task_loss(logits, y)
+
+        # The backward pass is the forward chain in reverse: 2N + 4 evaluations in all.
+        backward_task = forward_tasks[-1]
+        for _ in reversed(forward_tasks):
+            backward_task = graph.add("backward", [backward_task])
+        return StepResult(loss, {"full": {"task": loss.detach()}}, graph.critical_path, task_graph=graph)
+
+
+def build_engine(
+    method: str, objective: Optional[ObjectiveConfig] = None, consistency_sweeps: int = 0
+) -> ReferenceEngine | BackpropEngine:
+    """Return the engine for ``method``: ``"hbll"`` (the reference engine) or ``"backprop"``."""
+    if method == "hbll":
+        return ReferenceEngine(objective, consistency_sweeps)
+    if method == "backprop":
+        return BackpropEngine(objective)
+    raise ValueError(f"method must be 'hbll' or 'backprop', got {method!r}")
+
+
+def train_step(
+    engine: ReferenceEngine | BackpropEngine,
+    model: HBLLModel,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> StepResult:
+    """Run one full training step: local losses, one ``backward()``, one optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    result = engine.compute_losses(model, x, y)
+    result.loss.backward()
+    optimizer.step()
+    return result
