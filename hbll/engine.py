@@ -77,7 +77,7 @@ class ReferenceEngine:
         messages, message_tasks = self._forward_messages(model, hidden_states.detach(), stem_task, graph)
         self._refine_leaf_messages(model, messages, message_tasks, graph)
         outputs, output_tasks = self._node_outputs(model, hidden_states, messages, message_tasks, graph)
-        local_losses = self._local_losses(model, outputs, output_tasks, y, graph)
+        local_losses = self._local_losses(model, outputs, output_tasks, messages, y, graph)
         node_losses = {
             node.name: {"exit": parts["exit"].detach(), "consistency": parts["consistency"].detach()}
             for node, parts in local_losses.items()
@@ -145,6 +145,7 @@ class ReferenceEngine:
         model: HBLLModel,
         outputs: dict[Node, torch.Tensor],
         output_tasks: dict[Node, Task],
+        messages: dict[Node, torch.Tensor],
         y: torch.Tensor,
         graph: TaskGraph,
     ) -> dict[Node, dict[str, torch.Tensor]]:
@@ -164,8 +165,14 @@ class ReferenceEngine:
             if node.is_leaf or objective.consistency_weight == 0:
                 continue
             _, right = tree.children(node)
+            coarse_output = outputs[node]
+            if node.start == 0 and not objective.stem_consistency:
+                # The same shortcut output, but from a detached z_0: the stem could
+                # otherwise lower this term by collapsing z_0 so that estimates agree.
+                # The extra evaluation runs in the same round as the node's forward.
+                coarse_output = model.node_module(node)(messages[node].detach())
             coarse, fine = consistency_terms(
-                outputs[node], outputs[right], model.log_sigma[node.name], objective.consistency_lambda
+                coarse_output, outputs[right], model.log_sigma[node.name], objective.consistency_lambda
             )
             consistency[node] = consistency[node] + coarse
             consistency[right] = consistency[right] + fine

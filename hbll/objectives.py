@@ -29,7 +29,9 @@ class ObjectiveConfig:
     ``consistency_lambda`` is λ, the weight of the term that pulls the finer estimate of a
     boundary towards the coarser one. ``init_sigma`` is the starting value of each
     internal node's σ, and ``learn_sigma=False`` keeps σ fixed at that value, which turns
-    the consistency term into a scaled mean squared error.
+    the consistency term into a scaled mean squared error. ``stem_consistency=False``
+    keeps the consistency term of nodes whose span starts at 0 out of the stem, so the
+    stem learns from their exit terms only.
     """
 
     exit_weight: float = 1.0
@@ -37,6 +39,7 @@ class ObjectiveConfig:
     consistency_lambda: float = 1.0
     init_sigma: float = 1.0
     learn_sigma: bool = True
+    stem_consistency: bool = False
     task_loss: TaskLoss = field(default=cross_entropy_loss, repr=False)
 
     def __post_init__(self) -> None:
