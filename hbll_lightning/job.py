@@ -1,0 +1,191 @@
+"""``hbll run``: train HBLL and the backprop baseline on one config and report every depth.
+
+Every method gets the same network spec, data, seed and trainer budget. The output
+directory receives ``report.json``, a depth-versus-metric plot and the HBLL checkpoint.
+All files are written into a staging directory next to ``output_dir`` and moved into
+place at the end, so ``output_dir`` holds either a complete run or nothing of this run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from hbll.checkpoint import save_checkpoint
+from hbll_lightning.cli import HBLLCLI
+from hbll_lightning.module import HBLLModule
+from hbll_lightning.plots import plot_depth_metric
+
+__all__ = ["run_job", "REPORT_NAME"]
+
+logger = logging.getLogger(__name__)
+
+REPORT_NAME = "report.json"
+METHODS = ("hbll", "backprop")
+
+
+class _ComparisonJob:
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.seed: Optional[int] = None
+        self.methods: list[str] = []
+        self.output_dir: Optional[Path] = None
+        self.overwrite = False
+        self.staging: Optional[Path] = None
+        self.method = ""
+
+    def configure(self, cli: HBLLCLI) -> None:
+        """Set the method, seed and log directory of one run before LightningCLI builds it."""
+        config = cli.config
+        if self.staging is None:
+            self._prepare_output(config)
+        config.model.method = self.method
+        config.trainer.default_root_dir = str(self.staging / self.method)
+        config.trainer.enable_checkpointing = False
+
+    def _prepare_output(self, config: Any) -> None:
+        methods = list(config.methods)
+        unknown = [m for m in methods if m not in METHODS]
+        if not methods or unknown:
+            raise ValueError(f"methods must be a non-empty list of {list(METHODS)}, got {methods}")
+        self.methods = methods
+        self.method = methods[0]
+        if config.seed_everything is False:
+            raise ValueError(
+                "seed_everything is false, but hbll run seeds every method alike so they start from "
+                "the same weights; set seed_everything to an int or true"
+            )
+        self.seed = int(config.seed_everything)
+        self.overwrite = bool(config.overwrite)
+        self.output_dir = Path(config.output_dir).resolve()
+        if self.output_dir.exists() and any(self.output_dir.iterdir()) and not self.overwrite:
+            raise FileExistsError(
+                f"output_dir {self.output_dir} is not empty; pass --overwrite true to replace it "
+                "or choose another --output_dir"
+            )
+        self.output_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.output_dir.name}.partial-", dir=self.output_dir.parent))
+
+    def run(self) -> dict:
+        try:
+            report = self._run_methods()
+            self._publish()
+        except BaseException:
+            if self.staging is not None:
+                shutil.rmtree(self.staging, ignore_errors=True)
+            raise
+        return report
+
+    def _run_methods(self) -> dict:
+        report: dict[str, Any] = {"methods": {}}
+        cli = HBLLCLI(args=list(self.argv), run=False, before_instantiate=self.configure)
+        report.update(self._describe_run(cli))
+        report["methods"][self.method] = self._train_and_test(cli)
+        # Later methods reuse the first run's seed, so they start from the same weights and
+        # see the same batches.
+        for method in self.methods[1:]:
+            self.method = method
+            cli = HBLLCLI(args=[*self.argv, f"--seed_everything={self.seed}"], run=False, before_instantiate=self.configure)
+            report["methods"][method] = self._train_and_test(cli)
+
+        metric = "perplexity" if report["task"] == "language_modeling" else "accuracy"
+        report["metric"] = metric
+        (self.staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        plot_depth_metric(report, self.staging / f"depth_vs_{metric}.png")
+        print(format_report(report))
+        return report
+
+    def _describe_run(self, cli: HBLLCLI) -> dict:
+        module: HBLLModule = cli.model
+        return {
+            "task": module.task,
+            "seed": self.seed,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+            "torch_threads": torch.get_num_threads(),
+            "network": module.network.config(),
+            "data": {"class_path": type(cli.datamodule).__qualname__},
+            "trainer": {
+                key: cli.config.trainer.get(key)
+                for key in ("max_epochs", "max_steps", "limit_train_batches", "limit_test_batches", "accelerator")
+            },
+            "smoke": bool(cli.config.smoke),
+        }
+
+    def _train_and_test(self, cli: HBLLCLI) -> dict:
+        module: HBLLModule = cli.model
+        logger.info("training %s", self.method)
+        start = time.perf_counter()
+        cli.trainer.fit(module, datamodule=cli.datamodule)
+        wall_time = time.perf_counter() - start
+        cli.trainer.test(module, datamodule=cli.datamodule, verbose=False)
+
+        result = {
+            "test": module.depth_metrics("test"),
+            "wall_time_s": round(wall_time, 2),
+            "steps": cli.trainer.global_step,
+            "critical_path_per_step": module.last_critical_path,
+            "num_blocks": module.model.num_blocks,
+            "tree_depth": module.model.depth,
+            "hparams": {k: v for k, v in module.hparams.items()},
+        }
+        if self.method == "hbll":
+            save_checkpoint(module.model, self.staging / "checkpoint", module.network, {"hparams": result["hparams"]})
+        return result
+
+    def _publish(self) -> None:
+        # Swap the finished staging directory into place; a replaced run is removed only
+        # after the new one is in place.
+        previous = None
+        if self.output_dir.exists():
+            previous = self.output_dir.with_name(f".{self.output_dir.name}.replaced-{os.getpid()}")
+            self.output_dir.rename(previous)
+        self.staging.rename(self.output_dir)
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
+        logger.info("wrote %s", self.output_dir)
+        print(f"Results in {self.output_dir}")
+
+
+def format_report(report: dict) -> str:
+    """Render the per-depth test metric of every method as a Markdown table."""
+    metric = report["metric"]
+    methods = list(report["methods"])
+    rows = report["methods"][methods[0]]["test"]
+    header = "| cut (blocks) | " + " | ".join(f"{m} {metric}" for m in methods) + " |"
+    lines = [header, "|" + "---|" * (len(methods) + 1)]
+    for i, row in enumerate(rows):
+        cells = []
+        for method in methods:
+            value = report["methods"][method]["test"][i].get(metric)
+            cells.append("n/a" if value is None else (f"{100 * value:.2f}%" if metric == "accuracy" else f"{value:.2f}"))
+        lines.append(f"| depth {row['depth']} ({row['num_modules']}) | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("| method | wall time (s) | steps | critical path per step |")
+    lines.append("|---|---|---|---|")
+    for method in methods:
+        r = report["methods"][method]
+        lines.append(f"| {method} | {r['wall_time_s']:.1f} | {r['steps']} | {r['critical_path_per_step']} |")
+    return "\n".join(lines)
+
+
+def run_job(argv: list[str]) -> dict:
+    """Run ``hbll run`` with the given command-line arguments and return the report."""
+    # LightningCLI reads ``args`` here, not the process's argv, which still holds "run".
+    saved_argv = sys.argv
+    sys.argv = sys.argv[:1]
+    try:
+        return _ComparisonJob(argv).run()
+    finally:
+        sys.argv = saved_argv

@@ -1,0 +1,227 @@
+"""``HBLLModule``: a LightningModule that trains an ``HBLLModel`` with the local objectives."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional, Sequence
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+from torchmetrics import MeanMetric
+
+from hbll.engine import BackpropEngine, ReferenceEngine, StepResult, build_engine
+from hbll.model import ExitHeadPolicy, HBLLModel
+from hbll.networks import NetworkSpec, Task
+from hbll.objectives import ObjectiveConfig
+from hbll.tree import Tree
+
+__all__ = ["HBLLModule", "ModulesSpec"]
+
+Method = Literal["hbll", "backprop"]
+
+
+class ModulesSpec(NetworkSpec):
+    """A network spec around a stem, blocks and head that the user already built."""
+
+    def __init__(self, stem: nn.Module, blocks: Sequence[nn.Module], head: nn.Module, task: Task = "classification") -> None:
+        super().__init__(len(blocks))
+        self.modules = (stem, list(blocks), head)
+        self.task = task
+
+    def build(self) -> tuple[nn.Module, list[nn.Module], nn.Module]:
+        return self.modules
+
+    def config(self) -> dict:
+        return {"class_path": None, "num_blocks": self.num_blocks, "task": self.task}
+
+
+class HBLLModule(LightningModule):
+    """Train a network with HBLL's local objectives, or with backprop as the baseline.
+
+    Args:
+        network: the spec that builds ``(stem, blocks, head)``.
+        method: ``"hbll"`` trains every tree node on its local objective; ``"backprop"``
+            trains the full network end to end with the same architecture.
+        exit_heads: the exit-head policy; ``None`` takes the network's default.
+        exit_weight, consistency_weight, consistency_lambda, init_sigma, learn_sigma: the
+            local objective (see ``hbll.ObjectiveConfig``).
+        consistency_sweeps: K, the Jacobi sweeps that refine the leaf messages.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps before the cosine decay.
+        lr_schedule: ``"cosine"`` decays to zero over the run, ``"constant"`` keeps ``lr``.
+
+    Validation and test report the loss at every level cut, plus the accuracy
+    (classification) or the perplexity (language modelling), as ``val/depth{ℓ}/...``.
+    """
+
+    def __init__(
+        self,
+        network: NetworkSpec,
+        method: Method = "hbll",
+        exit_heads: Optional[ExitHeadPolicy] = None,
+        exit_weight: float = 1.0,
+        consistency_weight: float = 1.0,
+        consistency_lambda: float = 1.0,
+        init_sigma: float = 1.0,
+        learn_sigma: bool = True,
+        consistency_sweeps: int = 0,
+        lr: float = 2e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 0,
+        lr_schedule: Literal["cosine", "constant"] = "cosine",
+    ) -> None:
+        super().__init__()
+        if method not in ("hbll", "backprop"):
+            raise ValueError(f"method must be 'hbll' or 'backprop', got {method!r}")
+        if lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+        self.save_hyperparameters(ignore=["network"])
+        self.network = network
+        self.method = method
+        self.task = network.task
+        self.objective = ObjectiveConfig(
+            exit_weight=exit_weight,
+            consistency_weight=consistency_weight,
+            consistency_lambda=consistency_lambda,
+            init_sigma=init_sigma,
+            learn_sigma=learn_sigma,
+        )
+        self.engine = self.build_engine()
+        self.last_critical_path: Optional[int] = None
+
+        # A network with data-dependent arguments left as None (such as vocab_size) is
+        # built in setup(), once the datamodule is known.
+        self.model: Optional[HBLLModel] = None
+        if not network.missing_arguments():
+            self._build_model()
+        depths = range(Tree(network.num_blocks).depth + 1)
+        self.eval_loss = nn.ModuleList(MeanMetric() for _ in depths)
+        self.eval_accuracy = nn.ModuleList(MeanMetric() for _ in depths)
+
+    def _build_model(self) -> None:
+        hp = self.hparams
+        self.model = self.network.build_model(hp.exit_heads, init_sigma=hp.init_sigma, learn_sigma=hp.learn_sigma)
+
+    def setup(self, stage: str) -> None:
+        if self.model is not None:
+            return
+        datamodule = self.trainer.datamodule
+        if datamodule is None:
+            raise ValueError(
+                f"network arguments {self.network.missing_arguments()} are None and the trainer has no "
+                "datamodule to read them from; set them in the network spec or pass datamodule=... to the trainer"
+            )
+        self.network.fill_from_data(datamodule)
+        self._build_model()
+
+    @classmethod
+    def from_modules(
+        cls, stem: nn.Module, blocks: Sequence[nn.Module], head: nn.Module, task: Task = "classification", **kwargs: Any
+    ) -> "HBLLModule":
+        """Build the module from a stem, blocks and head you already have."""
+        return cls(ModulesSpec(stem, blocks, head, task), **kwargs)
+
+    def build_engine(self) -> ReferenceEngine | BackpropEngine:
+        """Return the single-process engine for this module's method and objective."""
+        return build_engine(self.method, self.objective, self.hparams.consistency_sweeps)
+
+    def forward(self, x: torch.Tensor, depth: Optional[int] = None) -> torch.Tensor:
+        return self.model(x, depth=depth)
+
+    # Training -------------------------------------------------------------------------
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.run_engine_step(self.engine, batch)
+
+    def run_engine_step(self, engine: ReferenceEngine | BackpropEngine, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Compute one step's loss with ``engine`` and log it; the caller runs backward."""
+        x, y = batch
+        result = engine.compute_losses(self.model, x, y)
+        self.last_critical_path = result.critical_path
+        self._log_step(result, batch_size=x.shape[0])
+        return result.loss
+
+    def _log_step(self, result: StepResult, batch_size: int) -> None:
+        self.log("train/loss", result.loss.detach(), prog_bar=True, batch_size=batch_size)
+        self.log("train/critical_path", float(result.critical_path), batch_size=batch_size)
+        # Per-node values are many scalars, so they go out only on logging steps.
+        log_every = self.trainer.log_every_n_steps if self._trainer is not None else 1
+        if self.global_step % max(log_every, 1):
+            return
+        node_values = {
+            f"train/node/{name}/{part}": value
+            for name, parts in result.node_losses.items()
+            for part, value in parts.items()
+        }
+        self.log_dict(node_values, batch_size=batch_size)
+
+    def configure_optimizers(self) -> dict:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.lr_schedule == "constant" and self.hparams.warmup_steps == 0:
+            return {"optimizer": optimizer}
+        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = self.hparams.warmup_steps
+        cosine = self.hparams.lr_schedule == "cosine"
+
+        def lr_factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if not cosine:
+                return 1.0
+            progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # Evaluation at every depth ----------------------------------------------------------
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate_depths(batch)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate_depths(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_depth_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_depth_metrics("test")
+
+    def _evaluate_depths(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        x, y = batch
+        hidden_states = self.model.stem(x)
+        # Weight by the number of predictions so the epoch mean is per token or per image.
+        weight = float(y.numel())
+        for depth in range(self.model.depth + 1):
+            logits = self.model.head(self.model.run_nodes(hidden_states, self.model.tree.level_cut(depth)))
+            self.eval_loss[depth].update(self.objective.task_loss(logits, y), weight)
+            self.eval_accuracy[depth].update((logits.argmax(-1) == y).float().mean(), weight)
+
+    def _log_depth_metrics(self, stage: str) -> None:
+        for depth in range(self.model.depth + 1):
+            loss = self.eval_loss[depth].compute()
+            metrics = {f"{stage}/depth{depth}/loss": loss}
+            if self.task == "language_modeling":
+                metrics[f"{stage}/depth{depth}/perplexity"] = torch.exp(loss)
+            else:
+                metrics[f"{stage}/depth{depth}/accuracy"] = self.eval_accuracy[depth].compute()
+            self.log_dict(metrics, prog_bar=depth == self.model.depth)
+            self.eval_loss[depth].reset()
+            self.eval_accuracy[depth].reset()
+
+    def depth_metrics(self, stage: str) -> list[dict[str, float]]:
+        """Read the last logged metrics of ``stage`` for every level cut from the trainer."""
+        metrics = self.trainer.callback_metrics
+        rows = []
+        for depth in range(self.model.depth + 1):
+            row = {"depth": depth, "num_modules": len(self.model.tree.level_cut(depth))}
+            for key, value in metrics.items():
+                prefix = f"{stage}/depth{depth}/"
+                if key.startswith(prefix):
+                    row[key[len(prefix):]] = float(value)
+            rows.append(row)
+        return rows

@@ -1,0 +1,138 @@
+"""End-to-end tests of the `hbll` command on tiny Fashion-MNIST files in the real IDX format."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hbll.checkpoint import load_checkpoint
+from hbll_lightning.cli import main
+from hbll_lightning.data import FashionMNISTDataModule
+from tests.data_files import write_fashion_mnist
+
+CONFIG = """\
+seed_everything: 3
+methods: [hbll, backprop]
+model:
+  network:
+    class_path: hbll.networks.ConvResNet
+    init_args: {num_blocks: 3, width: 8, downsample: 4}
+  lr: 0.01
+data:
+  class_path: hbll_lightning.data.FashionMNISTDataModule
+  init_args: {batch_size: 32, val_size: 40}
+trainer:
+  accelerator: cpu
+  max_epochs: 1
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+"""
+
+
+@pytest.fixture
+def job_files(tmp_path: Path) -> tuple[Path, Path]:
+    data_dir = write_fashion_mnist(tmp_path / "fashion-mnist", num_train=200, num_test=60)
+    config = tmp_path / "job.yaml"
+    config.write_text(CONFIG)
+    return config, data_dir
+
+
+def _run(config: Path, data_dir: Path, output_dir: Path, *extra: str) -> int:
+    return main(["run", "--config", str(config), "--data.init_args.data_dir", str(data_dir), "--output_dir", str(output_dir), *extra])
+
+
+def test_cli_run_writes_complete_output(job_files, tmp_path):
+    config, data_dir = job_files
+    output_dir = tmp_path / "out"
+    assert _run(config, data_dir, output_dir) == 0
+
+    assert {p.name for p in output_dir.iterdir()} >= {"report.json", "depth_vs_accuracy.png", "checkpoint", "hbll", "backprop"}
+    assert not list(tmp_path.glob(".out.partial-*"))
+    report = json.loads((output_dir / "report.json").read_text())
+    assert report["metric"] == "accuracy"
+    for method, critical_path in (("hbll", 2 + 5), ("backprop", 2 * 3 + 4)):
+        result = report["methods"][method]
+        assert [row["depth"] for row in result["test"]] == [0, 1, 2]
+        assert [row["num_modules"] for row in result["test"]] == [1, 2, 3]
+        assert all(0.0 <= row["accuracy"] <= 1.0 for row in result["test"])
+        assert result["steps"] == 5  # 160 training images in batches of 32
+        assert result["critical_path_per_step"] == critical_path
+        assert result["wall_time_s"] > 0
+
+
+def test_cli_run_checkpoint_reproduces_report(job_files, tmp_path):
+    config, data_dir = job_files
+    output_dir = tmp_path / "out"
+    _run(config, data_dir, output_dir, "--methods", "[hbll]")
+    report = json.loads((output_dir / "report.json").read_text())
+    saved = json.loads((output_dir / "checkpoint" / "hbll_config.json").read_text())
+    assert saved["tree"]["num_blocks"] == 3
+    assert saved["tree"]["level_cuts"] == [[[0, 3]], [[0, 1], [1, 3]], [[0, 1], [1, 2], [2, 3]]]
+
+    model = load_checkpoint(output_dir / "checkpoint").eval()
+    data = FashionMNISTDataModule(data_dir=str(data_dir), batch_size=32, val_size=40)
+    data.setup("test")
+    x, y = data.test_set.tensors
+    with torch.no_grad():
+        for row in report["methods"]["hbll"]["test"]:
+            accuracy = (model(x, depth=row["depth"]).argmax(-1) == y).float().mean().item()
+            assert accuracy == pytest.approx(row["accuracy"], abs=1e-6)
+
+
+def test_cli_run_nonempty_output_dir_raises(job_files, tmp_path):
+    config, data_dir = job_files
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="pass --overwrite true"):
+        _run(config, data_dir, output_dir)
+    assert (output_dir / "notes.txt").read_text() == "keep me"
+
+
+def test_cli_run_overwrite_replaces_previous_run(job_files, tmp_path):
+    config, data_dir = job_files
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "old.txt").write_text("previous run")
+    assert _run(config, data_dir, output_dir, "--methods", "[backprop]", "--overwrite", "true") == 0
+    assert not (output_dir / "old.txt").exists()
+    assert (output_dir / "report.json").is_file()
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_cli_run_failure_leaves_no_output(job_files, tmp_path):
+    config, _ = job_files
+    output_dir = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match="missing-dir"):
+        _run(config, tmp_path / "missing-dir", output_dir)
+    assert not output_dir.exists()
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_cli_unknown_config_key_names_key_and_fix(job_files, tmp_path, capsys):
+    config, data_dir = job_files
+    config.write_text(CONFIG.replace("  lr: 0.01", "  lr: 0.01\n  learning_rat: 0.1"))
+    assert _run(config, data_dir, tmp_path / "out") == 2
+    message = capsys.readouterr().err
+    assert "learning_rat" in message
+    assert "Fix the key's spelling or remove it" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_unknown_method_raises(job_files, tmp_path):
+    config, data_dir = job_files
+    with pytest.raises(ValueError, match=r"methods must be a non-empty list of \['hbll', 'backprop'\], got \['sgd'\]"):
+        _run(config, data_dir, tmp_path / "out", "--methods", "[sgd]")
+
+
+def test_cli_fit_subcommand_trains(job_files, tmp_path):
+    config, data_dir = job_files
+    code = main(["fit", "--config", str(config), "--data.init_args.data_dir", str(data_dir), "--trainer.default_root_dir", str(tmp_path / "fit"), "--trainer.max_steps", "2"])
+    assert code == 0
+
+
+def test_cli_help_lists_run(capsys):
+    assert main(["--help"]) == 0
+    assert "hbll run --config CONFIG" in capsys.readouterr().out
