@@ -7,7 +7,6 @@ plain PyTorch loop, the Lightning strategy and later distributed engines.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -19,8 +18,6 @@ from hbll.objectives import ObjectiveConfig, consistency_terms
 from hbll.tree import Node
 
 __all__ = ["StepResult", "ReferenceEngine", "BackpropEngine", "build_engine", "train_step"]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass

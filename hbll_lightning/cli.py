@@ -13,6 +13,7 @@ Both read the same YAML: ``model`` (``HBLLModule`` arguments), ``data`` (a datam
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Callable, Optional
 
@@ -84,6 +85,7 @@ def _print_usage() -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] in ("-h", "--help"):
         _print_usage()
         return 0

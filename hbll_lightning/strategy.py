@@ -8,7 +8,6 @@ one without changes to the user's module.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Optional
 
 import torch
@@ -19,8 +18,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from hbll.engine import BackpropEngine, ReferenceEngine
 
 __all__ = ["HBLLStrategy"]
-
-logger = logging.getLogger(__name__)
 
 
 class HBLLStrategy(SingleDeviceStrategy):

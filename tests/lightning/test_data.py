@@ -7,7 +7,6 @@ import importlib.util
 import json
 import logging
 import pickle
-import struct
 import sys
 import time
 from pathlib import Path
