@@ -47,7 +47,7 @@ def save_checkpoint(
 
 
 def load_checkpoint(directory: str | Path, map_location: str = "cpu") -> HBLLModel:
-    """Rebuild the ``HBLLModel`` saved in ``directory`` by ``save_checkpoint``."""
+    """Rebuild the ``HBLLModel`` saved in ``directory`` by ``save_checkpoint``, in eval mode."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -69,4 +69,4 @@ def load_checkpoint(directory: str | Path, map_location: str = "cpu") -> HBLLMod
         config["tree"]["exit_heads"], init_sigma=config["init_sigma"], learn_sigma=config["learn_sigma"]
     )
     model.load_state_dict(load_file(str(weights_path), device=map_location))
-    return model
+    return model.eval()

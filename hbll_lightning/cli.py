@@ -22,6 +22,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
 import hbll_lightning.strategy  # noqa: F401  registers strategy="hbll"
+from hbll_lightning.data.idx import DataFormatError
 from hbll_lightning.module import HBLLModule
 
 __all__ = ["HBLLCLI", "main"]
@@ -35,6 +36,7 @@ SMOKE_TRAINER_LIMITS = {
     "limit_test_batches": 10,
     "val_check_interval": None,
 }
+SMOKE_WARMUP_STEPS = 5
 
 
 class HBLLCLI(LightningCLI):
@@ -51,9 +53,11 @@ class HBLLCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
-        # Parse errors raise instead of exiting, so main() can add the fix to the message.
-        parser_kwargs = {"exit_on_error": False}
-        parser_kwargs.update({name: {"exit_on_error": False} for name in self.subcommands()})
+        # Parse errors raise instead of exiting, so main() can add the fix to the message,
+        # and abbreviated keys are errors rather than silent prefix matches.
+        strict = {"exit_on_error": False, "allow_abbrev": False}
+        parser_kwargs = {"prog": "hbll run" if kwargs.get("run") is False else "hbll", **strict}
+        parser_kwargs.update({name: dict(strict) for name in self.subcommands()})
         kwargs.setdefault("parser_kwargs", parser_kwargs)
         super().__init__(*args, **kwargs)
 
@@ -68,6 +72,8 @@ class HBLLCLI(LightningCLI):
         if config.smoke:
             for key, value in SMOKE_TRAINER_LIMITS.items():
                 config.trainer[key] = value
+            # A warm-up longer than the smoke run would keep the learning rate near zero.
+            config.model.warmup_steps = min(config.model.warmup_steps, SMOKE_WARMUP_STEPS)
         if self._before_instantiate is not None:
             self._before_instantiate(self)
 
@@ -96,6 +102,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             run_job(argv[1:])
         else:
             HBLLCLI(args=argv)
+    except (FileExistsError, FileNotFoundError, DataFormatError) as error:
+        print(f"hbll: {error}", file=sys.stderr)
+        return 2
     except ArgumentError as error:
         help_command = "hbll run --help" if argv[0] == "run" else f"hbll {argv[0]} --help"
         print(

@@ -16,7 +16,7 @@ from hbll.networks import NetworkSpec, Task
 from hbll.objectives import ObjectiveConfig
 from hbll.tree import Tree
 
-__all__ = ["HBLLModule", "ModulesSpec"]
+__all__ = ["HBLLModule", "ModulesSpec", "PrebuiltModel"]
 
 Method = Literal["hbll", "backprop"]
 
@@ -31,6 +31,26 @@ class ModulesSpec(NetworkSpec):
 
     def build(self) -> tuple[nn.Module, list[nn.Module], nn.Module]:
         return self.modules
+
+    def config(self) -> dict:
+        return {"class_path": None, "num_blocks": self.num_blocks, "task": self.task}
+
+
+class PrebuiltModel(NetworkSpec):
+    """A network spec around an ``HBLLModel`` that the user already built."""
+
+    def __init__(self, model: HBLLModel, task: Task = "classification") -> None:
+        super().__init__(model.num_blocks)
+        self.model = model
+        self.task = task
+
+    def build_model(self, exit_heads: Optional[ExitHeadPolicy] = None, **kwargs: Any) -> HBLLModel:
+        if exit_heads is not None and exit_heads != self.model.exit_head_policy:
+            raise ValueError(
+                f"exit_heads={exit_heads!r} conflicts with the given model, which was built with "
+                f"exit_heads={self.model.exit_head_policy!r}; leave exit_heads unset"
+            )
+        return self.model
 
     def config(self) -> dict:
         return {"class_path": None, "num_blocks": self.num_blocks, "task": self.task}
@@ -122,6 +142,11 @@ class HBLLModule(LightningModule):
     ) -> "HBLLModule":
         """Build the module from a stem, blocks and head you already have."""
         return cls(ModulesSpec(stem, blocks, head, task), **kwargs)
+
+    @classmethod
+    def from_model(cls, model: HBLLModel, task: Task = "classification", **kwargs: Any) -> "HBLLModule":
+        """Train an ``HBLLModel`` you already built; its σ settings and exit heads are kept."""
+        return cls(PrebuiltModel(model, task), **kwargs)
 
     def build_engine(self) -> ReferenceEngine | BackpropEngine:
         """Return the single-process engine for this module's method and objective."""

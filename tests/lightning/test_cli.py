@@ -81,13 +81,13 @@ def test_cli_run_checkpoint_reproduces_report(job_files, tmp_path):
             assert accuracy == pytest.approx(row["accuracy"], abs=1e-6)
 
 
-def test_cli_run_nonempty_output_dir_raises(job_files, tmp_path):
+def test_cli_run_nonempty_output_dir_is_kept(job_files, tmp_path, capsys):
     config, data_dir = job_files
     output_dir = tmp_path / "out"
     output_dir.mkdir()
     (output_dir / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="pass --overwrite true"):
-        _run(config, data_dir, output_dir)
+    assert _run(config, data_dir, output_dir) == 2
+    assert "is not empty; pass --overwrite true" in capsys.readouterr().err
     assert (output_dir / "notes.txt").read_text() == "keep me"
 
 
@@ -102,11 +102,11 @@ def test_cli_run_overwrite_replaces_previous_run(job_files, tmp_path):
     assert not list(tmp_path.glob(".out.*"))
 
 
-def test_cli_run_failure_leaves_no_output(job_files, tmp_path):
+def test_cli_run_failure_leaves_no_output(job_files, tmp_path, capsys):
     config, _ = job_files
     output_dir = tmp_path / "out"
-    with pytest.raises(FileNotFoundError, match="missing-dir"):
-        _run(config, tmp_path / "missing-dir", output_dir)
+    assert _run(config, tmp_path / "missing-dir", output_dir) == 2
+    assert "missing-dir" in capsys.readouterr().err
     assert not output_dir.exists()
     assert not list(tmp_path.glob(".out.*"))
 
@@ -119,6 +119,22 @@ def test_cli_unknown_config_key_names_key_and_fix(job_files, tmp_path, capsys):
     assert "learning_rat" in message
     assert "Fix the key's spelling or remove it" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_abbreviated_key_is_rejected(job_files, tmp_path, capsys):
+    config, data_dir = job_files
+    assert _run(config, data_dir, tmp_path / "out", "--smok", "true") == 2
+    assert "--smok" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_smoke_caps_warmup(job_files, tmp_path):
+    config, data_dir = job_files
+    config.write_text(CONFIG.replace("  lr: 0.01", "  lr: 0.01\n  warmup_steps: 500"))
+    _run(config, data_dir, tmp_path / "out", "--smoke", "true", "--methods", "[hbll]")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["smoke"] is True
+    assert report["methods"]["hbll"]["hparams"]["warmup_steps"] == 5
 
 
 def test_cli_unknown_method_raises(job_files, tmp_path):

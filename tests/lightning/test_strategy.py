@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import hbll_lightning  # noqa: F401  registers strategy="hbll"
 from hbll_lightning import HBLLModule, HBLLStrategy
-from tests.conftest import TinyBlock
+from tests.conftest import TinyBlock, make_tiny_model
 
 
 def _loaders(num_samples: int = 64) -> tuple[DataLoader, DataLoader]:
@@ -115,3 +115,18 @@ def test_strategy_rejects_several_devices(tmp_path):
 def test_module_unknown_method_raises():
     with pytest.raises(ValueError, match="method must be 'hbll' or 'backprop', got 'dgl'"):
         _module(method="dgl")
+
+
+def test_module_from_model_trains_given_model(tmp_path):
+    model = make_tiny_model(4, width=8)
+    module = HBLLModule.from_model(model, lr=1e-2)
+    assert module.model is model
+    before = model.shortcuts["0_4"].linear.weight.detach().clone()
+    train, _ = _loaders()
+    _trainer(tmp_path, max_steps=3).fit(module, train)
+    assert not torch.equal(model.shortcuts["0_4"].linear.weight, before)
+
+
+def test_module_from_model_conflicting_exit_heads_raises():
+    with pytest.raises(ValueError, match="exit_heads='shared' conflicts with the given model"):
+        HBLLModule.from_model(make_tiny_model(2), exit_heads="shared")
