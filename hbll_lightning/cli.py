@@ -65,7 +65,7 @@ class HBLLCLI(LightningCLI):
         parser.add_argument("--output_dir", type=str, default="outputs/run", help="directory that receives the report, plot and checkpoint of `hbll run`")
         parser.add_argument("--methods", type=list[str], default=["hbll", "backprop"], help="methods that `hbll run` trains, in order: hbll, backprop")
         parser.add_argument("--smoke", type=bool, default=False, help="cap the run at a few batches to check that it works end to end")
-        parser.add_argument("--overwrite", type=bool, default=False, help="let `hbll run` replace an output_dir that holds a previous run")
+        parser.add_argument("--overwrite", type=bool, default=False, help="let `hbll run` replace an output_dir that contains a previous run")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -90,7 +90,7 @@ def test_engine_without_sweeps_leaf_messages_are_inexact(tiny_batch):
     result = ReferenceEngine().compute_losses(model, x, y)
     with torch.no_grad():
         exact = model.blocks[1](model.blocks[0](model.stem(x)))
-    # Leaf [2, 3) reads the shortcut of [0, 2), not the two blocks it stands in for.
+    # Leaf [2, 3) reads the shortcut of [0, 2), not the two blocks it replaces.
     assert not torch.allclose(result.messages[model.tree.node(2, 3)], exact)
 
 

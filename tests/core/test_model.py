@@ -80,7 +80,7 @@ def test_model_shortcuts_are_fresh_block_instances():
     assert not torch.equal(model.shortcuts["0_2"].linear.weight, model.blocks[0].linear.weight)
 
 
-def test_model_local_policy_builds_one_exit_head_per_inner_boundary():
+def test_model_local_exit_head_per_boundary():
     assert set(make_tiny_model(5).exit_heads) == {"1", "2", "3", "4"}
     assert len(make_tiny_model(5, exit_heads="shared").exit_heads) == 0
 

@@ -25,7 +25,7 @@ def datasets_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets-cache")
 
 
-def test_language_model_reads_vocab_from_data_and_reports_perplexity(tmp_path):
+def test_language_model_reports_perplexity_per_depth(tmp_path):
     seed_everything(0)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT)

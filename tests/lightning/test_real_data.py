@@ -9,7 +9,7 @@ from hbll_lightning import HBLLModule
 from hbll_lightning.data import FashionMNISTDataModule
 
 
-def test_fashion_mnist_short_run_beats_chance_at_every_depth(tmp_path):
+def test_fashion_mnist_short_run_beats_chance(tmp_path):
     seed_everything(0)
     torch.set_num_threads(2)
     data = FashionMNISTDataModule(batch_size=128)
