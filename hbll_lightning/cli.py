@@ -95,14 +95,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         _print_usage()
         return 0
+    from hbll_lightning.job import JobConfigError, run_job
+
     try:
         if argv[0] == "run":
-            from hbll_lightning.job import run_job
-
             run_job(argv[1:])
         else:
             HBLLCLI(args=argv)
-    except (FileExistsError, FileNotFoundError, DataFormatError) as error:
+    except (FileExistsError, FileNotFoundError, DataFormatError, JobConfigError) as error:
         print(f"hbll: {error}", file=sys.stderr)
         return 2
     except ArgumentError as error:

@@ -27,12 +27,16 @@ from hbll_lightning.cli import HBLLCLI
 from hbll_lightning.module import HBLLModule
 from hbll_lightning.plots import plot_depth_metric
 
-__all__ = ["run_job", "REPORT_NAME"]
+__all__ = ["run_job", "JobConfigError", "REPORT_NAME"]
 
 logger = logging.getLogger(__name__)
 
 REPORT_NAME = "report.json"
 METHODS = ("hbll", "backprop")
+
+
+class JobConfigError(ValueError):
+    """An invalid value of a job key of ``hbll run`` (methods, seed_everything)."""
 
 
 class _ComparisonJob:
@@ -58,11 +62,11 @@ class _ComparisonJob:
         methods = list(config.methods)
         unknown = [m for m in methods if m not in METHODS]
         if not methods or unknown:
-            raise ValueError(f"methods must be a non-empty list of {list(METHODS)}, got {methods}")
+            raise JobConfigError(f"methods must be a non-empty list of {list(METHODS)}, got {methods}")
         self.methods = methods
         self.method = methods[0]
         if config.seed_everything is False:
-            raise ValueError(
+            raise JobConfigError(
                 "seed_everything is false, but hbll run seeds every method alike so they start from "
                 "the same weights; set seed_everything to an int or true"
             )

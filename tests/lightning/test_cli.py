@@ -137,10 +137,17 @@ def test_cli_smoke_caps_warmup(job_files, tmp_path):
     assert report["methods"]["hbll"]["hparams"]["warmup_steps"] == 5
 
 
-def test_cli_unknown_method_raises(job_files, tmp_path):
+def test_cli_unknown_method_names_choices(job_files, tmp_path, capsys):
     config, data_dir = job_files
-    with pytest.raises(ValueError, match=r"methods must be a non-empty list of \['hbll', 'backprop'\], got \['sgd'\]"):
-        _run(config, data_dir, tmp_path / "out", "--methods", "[sgd]")
+    assert _run(config, data_dir, tmp_path / "out", "--methods", "[sgd]") == 2
+    assert "methods must be a non-empty list of ['hbll', 'backprop'], got ['sgd']" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_unseeded_run_is_rejected(job_files, tmp_path, capsys):
+    config, data_dir = job_files
+    assert _run(config, data_dir, tmp_path / "out", "--seed_everything", "false") == 2
+    assert "seed_everything is false" in capsys.readouterr().err
 
 
 def test_cli_fit_subcommand_trains(job_files, tmp_path):
