@@ -177,7 +177,7 @@ class ReferenceEngine:
             loss_deps[right].append(output_tasks[node])
 
         # Backward: each node's gradient runs through its exit head and its own module
-        # only; the stem's backward waits for the nodes whose span starts at 0.
+        # only. The stem's backward waits for the nodes whose span starts at 0.
         stem_deps = []
         for node in tree.nodes:
             exit_backward = graph.add(f"backward exit {node}", loss_deps[node])

@@ -73,7 +73,7 @@ class HBLLModel(nn.Module):
         shortcut_factory: builds the shortcut of each internal node from the node and the
             blocks of its span. By default a fresh instance of the span's first block, so
             every cut is a plain network of the block family.
-        exit_heads: ``"local"`` gives each boundary 1 … N-1 its own trainable exit head;
+        exit_heads: ``"local"`` gives each boundary 1 … N-1 its own trainable exit head.
             ``"shared"`` reads every boundary through a stop-gradient copy of ``head``,
             which suits vocabulary-sized heads.
         exit_head_factory: builds the local exit head of a boundary. By default a fresh

@@ -3,7 +3,7 @@
 Every method gets the same network spec, data, seed and trainer budget. The output
 directory receives ``report.json``, a depth-versus-metric plot and the HBLL checkpoint.
 All files are written into a staging directory next to ``output_dir`` and moved into
-place at the end, so ``output_dir`` holds either a complete run or nothing of this run.
+place at the end, so ``output_dir`` contains either a complete run or nothing of this run.
 """
 
 from __future__ import annotations
@@ -173,7 +173,12 @@ def format_report(report: dict) -> str:
         cells = []
         for method in methods:
             value = report["methods"][method]["test"][i].get(metric)
-            cells.append("n/a" if value is None else (f"{100 * value:.2f}%" if metric == "accuracy" else f"{value:.2f}"))
+            if value is None:
+                cells.append("n/a")
+            elif metric == "accuracy":
+                cells.append(f"{100 * value:.2f}%")
+            else:
+                cells.append(f"{value:.2f}")
         lines.append(f"| depth {row['depth']} ({row['num_modules']}) | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("| method | wall time (s) | steps | critical path per step |")
@@ -186,7 +191,7 @@ def format_report(report: dict) -> str:
 
 def run_job(argv: list[str]) -> dict:
     """Run ``hbll run`` with the given command-line arguments and return the report."""
-    # LightningCLI reads ``args`` here, not the process's argv, which still holds "run".
+    # LightningCLI reads ``args`` here, not the process's argv, which still contains "run".
     saved_argv = sys.argv
     sys.argv = sys.argv[:1]
     try:
