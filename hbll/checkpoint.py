@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,8 +36,8 @@ def save_checkpoint(
 
     config = {
         "tree": model.tree_config(),
-        "init_sigma": math.exp(float(next(iter(model.log_sigma.values())).detach())) if len(model.log_sigma) else 1.0,
-        "learn_sigma": all(p.requires_grad for p in model.log_sigma.values()),
+        "init_sigma": model.init_sigma,
+        "learn_sigma": model.learn_sigma,
         "network": network.config() if network is not None else None,
         **(extra or {}),
     }

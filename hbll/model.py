@@ -54,9 +54,9 @@ def check_hidden_shape(node: Node, before: torch.Tensor, after: torch.Tensor) ->
             "hidden_states only"
         )
     if after.shape != before.shape:
-        what = f"block {node.start}" if node.is_leaf else f"the shortcut of node {node}"
+        module_name = f"block {node.start}" if node.is_leaf else f"the shortcut of node {node}"
         raise ValueError(
-            f"{what} changed the shape of hidden_states from {tuple(before.shape)} to "
+            f"{module_name} changed the shape of hidden_states from {tuple(before.shape)} to "
             f"{tuple(after.shape)}; every block must map hidden_states to the same shape, "
             "so move resolution or width changes into the stem or the head"
         )
@@ -105,6 +105,8 @@ class HBLLModel(nn.Module):
             raise ValueError(f"init_sigma must be > 0, got {init_sigma}")
         self.tree = Tree(len(blocks))
         self.exit_head_policy: ExitHeadPolicy = exit_heads
+        self.init_sigma = init_sigma
+        self.learn_sigma = learn_sigma
 
         self.stem = stem
         self.blocks = nn.ModuleList(blocks)

@@ -54,8 +54,6 @@ class NetworkSpec:
         for name in self.missing_arguments():
             source = self.data_arguments[name]
             value = getattr(datamodule, source, None)
-            if value is None and name == "in_channels" and getattr(datamodule, "input_shape", None):
-                value = datamodule.input_shape[0]
             if value is None:
                 raise ValueError(
                     f"{type(self).__name__}.{name} is None and {type(datamodule).__name__} has no "

@@ -55,6 +55,11 @@ class ImageDataModule(pl.LightningDataModule):
     num_classes: int
     input_shape: tuple[int, int, int]
 
+    @property
+    def in_channels(self) -> int:
+        """Channels of one image, the first entry of ``input_shape``."""
+        return self.input_shape[0]
+
     def __init__(self, batch_size: int, val_size: int, num_workers: int, split_seed: int) -> None:
         super().__init__()
         _check_int("batch_size", batch_size, minimum=1)

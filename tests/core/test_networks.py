@@ -31,7 +31,7 @@ def test_conv_resnet_missing_classes_raises_with_fix():
 def test_network_fill_from_data_reads_datamodule_attributes():
     class Data:
         num_classes = 4
-        input_shape = (2, 16, 16)
+        in_channels = 2
 
     network = ConvResNet(num_blocks=2, width=8)
     network.fill_from_data(Data())
@@ -83,3 +83,14 @@ def test_checkpoint_without_network_spec_raises(tmp_path):
     save_checkpoint(model, tmp_path / "ckpt")
     with pytest.raises(ValueError, match="records no network spec"):
         load_checkpoint(tmp_path / "ckpt")
+
+
+def test_checkpoint_records_initial_sigma_not_trained_value(tmp_path):
+    network = ConvResNet(num_blocks=2, in_channels=1, num_classes=3, width=8)
+    model = network.build_model(init_sigma=0.5)
+    with torch.no_grad():
+        model.log_sigma["0_2"].fill_(2.0)
+    save_checkpoint(model, tmp_path / "ckpt", network)
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    assert loaded.init_sigma == 0.5
+    torch.testing.assert_close(loaded.log_sigma["0_2"], torch.tensor(2.0))
