@@ -8,9 +8,17 @@ reports the validation accuracy of every level cut as mean ± std over seeds.
         --variant backprop '{"method": "backprop"}' \\
         --variant cw0.3 '{"consistency_weight": 0.3}'
 
-A variant is a JSON object. Its keys: ``method`` ("hbll" or "backprop"), any
-``ObjectiveConfig`` field, ``consistency_sweeps``, and the network and optimizer keys
-``num_blocks``, ``width``, ``lr``, ``init_sigma`` and ``learn_sigma``.
+A variant is a JSON object of these keys (all optional):
+
+- ``method``: "hbll" (default) or "backprop";
+- network: ``num_blocks`` (default 8), ``width``, ``exit_head``, ``shortcut_width``;
+- any ``ObjectiveConfig`` field, including ``init_sigma``, ``learn_sigma`` and the
+  schedules ``consistency_weight_final`` and ``consistency_lambda_final``;
+- engine: ``consistency_sweeps``, ``sweeps_from``, ``chain_length``, ``chained_exit_weight``;
+- optimizer: ``lr`` and ``level_lr_scale``.
+
+Exploration reads the validation split (5,000 training images held out); the final
+comparison reads the test split with ``--split test``.
 """
 
 from __future__ import annotations
@@ -24,50 +32,68 @@ import time
 import torch
 from tqdm import tqdm
 
-from hbll import ConvResNet, ObjectiveConfig, Tree, build_engine, train_step
+from hbll import ConvResNet, ObjectiveConfig, Tree, build_engine, level_param_groups, train_step
 from hbll_lightning.data import FashionMNISTDataModule
 
-OBJECTIVE_KEYS = {field.name for field in dataclasses.fields(ObjectiveConfig)} - {"task_loss", "init_sigma", "learn_sigma"}
-OTHER_KEYS = {"method", "consistency_sweeps", "num_blocks", "width", "lr", "init_sigma", "learn_sigma"}
+OBJECTIVE_KEYS = {field.name for field in dataclasses.fields(ObjectiveConfig)} - {"task_loss"}
+NETWORK_KEYS = {"num_blocks", "width", "exit_head", "shortcut_width"}
+ENGINE_KEYS = {"consistency_sweeps", "sweeps_from", "chain_length", "chained_exit_weight"}
+OTHER_KEYS = {"method", "lr", "level_lr_scale"}
+VALID_KEYS = OBJECTIVE_KEYS | NETWORK_KEYS | ENGINE_KEYS | OTHER_KEYS
 
 
-def train_variant(data: FashionMNISTDataModule, variant: dict, steps: int, seed: int) -> tuple[list[float], float]:
-    """Train one variant from ``seed`` and return the validation accuracy per level cut and the seconds taken."""
-    unknown = set(variant) - OBJECTIVE_KEYS - OTHER_KEYS
+def pick(variant: dict, keys: set[str]) -> dict:
+    return {key: value for key, value in variant.items() if key in keys}
+
+
+def train_variant(
+    data: FashionMNISTDataModule, variant: dict, steps: int, seed: int, split: str
+) -> tuple[list[float], float, int]:
+    """Train one variant from ``seed``.
+
+    Returns the accuracy of every level cut on ``split``, the seconds of training and the
+    critical path of the last step.
+    """
+    unknown = set(variant) - VALID_KEYS
     if unknown:
-        raise ValueError(f"unknown variant keys {sorted(unknown)}; valid keys are {sorted(OBJECTIVE_KEYS | OTHER_KEYS)}")
+        raise ValueError(f"unknown variant keys {sorted(unknown)}; valid keys are {sorted(VALID_KEYS)}")
     torch.manual_seed(seed)
-    network = ConvResNet(num_blocks=variant.get("num_blocks", 8), in_channels=1, num_classes=10, width=variant.get("width", 32))
-    model = network.build_model(init_sigma=variant.get("init_sigma", 1.0), learn_sigma=variant.get("learn_sigma", True))
-    objective = ObjectiveConfig(**{key: value for key, value in variant.items() if key in OBJECTIVE_KEYS})
-    engine = build_engine(variant.get("method", "hbll"), objective, variant.get("consistency_sweeps", 0))
+    network = ConvResNet(**{"num_blocks": 8, **pick(variant, NETWORK_KEYS)}, in_channels=1, num_classes=10)
+    objective = ObjectiveConfig(**pick(variant, OBJECTIVE_KEYS))
+    model = network.build_model(init_sigma=objective.init_sigma, learn_sigma=objective.learn_sigma)
+    engine = build_engine(variant.get("method", "hbll"), objective, **pick(variant, ENGINE_KEYS))
     lr = variant.get("lr", 2e-3)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    groups = level_param_groups(model, lr, variant.get("level_lr_scale", 1.0))
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[group["lr"] for group in groups], total_steps=steps, pct_start=0.1
+    )
 
     # The loader's shuffle draws from a generator seeded alike for every variant.
     generator = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(data.train_set, batch_size=128, shuffle=True, generator=generator, drop_last=True)
     batches = iter(loader)
     start = time.perf_counter()
-    for _ in tqdm(range(steps), desc=json.dumps(variant), leave=False):
+    for step in tqdm(range(steps), desc=json.dumps(variant), leave=False):
         try:
             x, y = next(batches)
         except StopIteration:
             batches = iter(loader)
             x, y = next(batches)
-        train_step(engine, model, optimizer, x, y)
+        result = train_step(engine, model, optimizer, x, y, progress=step / max(steps - 1, 1))
         schedule.step()
     seconds = time.perf_counter() - start
 
     model.eval()
-    x_val, y_val = data.val_set.tensors
+    x_eval, y_eval = (data.val_set if split == "val" else data.test_set).tensors
     accuracies = []
     with torch.no_grad():
         for depth in range(model.depth + 1):
-            correct = sum((model(x, depth=depth).argmax(-1) == y).sum().item() for x, y in zip(x_val.split(500), y_val.split(500)))
-            accuracies.append(100.0 * correct / len(y_val))
-    return accuracies, seconds
+            correct = sum(
+                (model(x, depth=depth).argmax(-1) == y).sum().item() for x, y in zip(x_eval.split(500), y_eval.split(500))
+            )
+            accuracies.append(100.0 * correct / len(y_eval))
+    return accuracies, seconds, result.critical_path
 
 
 def main() -> None:
@@ -76,6 +102,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds; each variant runs once per seed")
     parser.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "JSON"), required=True, help="a named variant")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--split", choices=["val", "test"], default="val", help="the split the table reports")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -84,20 +111,25 @@ def main() -> None:
     variants = [(name, json.loads(spec)) for name, spec in args.variant]
     max_depth = max(Tree(variant.get("num_blocks", 8)).depth for _, variant in variants)
     depth_columns = " | ".join(f"depth {depth}" for depth in range(max_depth + 1))
-    print(f"| variant | {depth_columns} | seconds per run (ratio to first) |")
-    print("|---" * (max_depth + 3) + "|")
+    print(f"Accuracy (%) on the {args.split} split, mean ± std over seeds {args.seeds}, {args.steps} steps")
+    print(f"| variant | {depth_columns} | critical path | seconds per run (ratio to first) |")
+    print("|---" * (max_depth + 4) + "|")
     first_seconds = None
     for name, variant in variants:
-        runs = [train_variant(data, variant, args.steps, seed) for seed in args.seeds]
-        per_depth = list(zip(*(accuracies for accuracies, _ in runs)))
+        runs = [train_variant(data, variant, args.steps, seed, args.split) for seed in args.seeds]
+        per_depth = list(zip(*(accuracies for accuracies, _, _ in runs)))
         cells = [
             f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
             for values in per_depth
         ]
         cells += [""] * (max_depth + 1 - len(cells))
-        seconds = statistics.mean(s for _, s in runs)
+        seconds = statistics.mean(s for _, s, _ in runs)
         first_seconds = first_seconds or seconds
-        print(f"| {name} | {' | '.join(cells)} | {seconds:.0f} ({seconds / first_seconds:.2f}×) |", flush=True)
+        critical_path = runs[0][2]
+        print(
+            f"| {name} | {' | '.join(cells)} | {critical_path} | {seconds:.0f} ({seconds / first_seconds:.2f}×) |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

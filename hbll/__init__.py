@@ -7,6 +7,7 @@ from hbll.critical_path import TaskGraph
 from hbll.engine import BackpropEngine, ReferenceEngine, StepResult, build_engine, train_step
 from hbll.model import HBLLModel, fresh_block_shortcut, fresh_copy
 from hbll.networks import CausalTransformer, ConvResNet, NetworkSpec
+from hbll.optim import level_param_groups
 from hbll.objectives import ObjectiveConfig, consistency_terms, cross_entropy_loss
 from hbll.tree import Node, Tree
 
@@ -27,6 +28,7 @@ __all__ = [
     "cross_entropy_loss",
     "fresh_block_shortcut",
     "fresh_copy",
+    "level_param_groups",
     "train_step",
 ]
 

@@ -44,6 +44,10 @@ class TaskGraph:
     def num_tasks(self) -> int:
         return len(self._depth)
 
+    def labels(self, prefix: str = "") -> list[str]:
+        """Labels of the recorded tasks that start with ``prefix``, in execution order."""
+        return [label for label in self._labels if label.startswith(prefix)]
+
     def count(self, prefix: str) -> int:
         """Number of recorded tasks whose label starts with ``prefix``."""
-        return sum(1 for label in self._labels if label.startswith(prefix))
+        return len(self.labels(prefix))

@@ -51,32 +51,85 @@ class ReferenceEngine:
     This engine defines the semantics that other engines must reproduce.
 
     Args:
-        objective: weights of the local objectives.
+        objective: weights of the local objectives, with their schedules.
         consistency_sweeps: K, the number of Jacobi sweeps that refine the leaf messages.
             After N - 1 sweeps the leaf messages are exact, so larger values are clamped to
-            N - 1 and cost nothing extra.
+            N - 1 and cost nothing extra. Each sweep adds one round to the critical path.
+        sweeps_from: the fraction of training (0 to 1) from which the sweeps run; before
+            it a step runs no sweeps. 0 runs them from the first step.
+        chain_length: c, the leaves that train on chained inputs in each step. A step
+            draws a random leaf s and replaces the messages of leaves s + 1 … s + c with
+            ``B_{i-1}(u_{i-1})`` chained from leaf s's message, so those leaves see the
+            activations the full network feeds them at inference. The chain adds c
+            rounds to the critical path; ``chain_length=N`` trains a random suffix of
+            the network on chained inputs, at O(N) critical path.
+        chained_exit_weight: the weight of an extra exit term that trains every leaf
+            i >= 2 on a pipelined chained input (0 turns the pipeline off). The engine
+            keeps one buffered activation per leaf: in each step leaf i runs on the
+            activation that leaf i - 1 produced in the previous step, adds
+            ``chained_exit_weight * task(A_{i+1}(B_i(h)), y)`` with the labels that came
+            with it, and passes its detached output on to leaf i + 1. The pipeline
+            starts from leaf 1's output on the current batch, which is exact, so leaf i
+            trains on the full network's activation of the batch from i - 1 steps
+            before, computed by blocks up to i - 1 steps old. These evaluations read
+            only the buffer, which exists when the step starts, so they add nothing to
+            the critical path; the buffer fills in the first N - 2 steps.
+
+    ``compute_losses`` takes ``progress``, the fraction of training done, which drives the
+    schedules above and those of ``objective``. Without it the schedules sit at their
+    final values.
     """
 
     name = "reference"
 
-    def __init__(self, objective: Optional[ObjectiveConfig] = None, consistency_sweeps: int = 0) -> None:
+    def __init__(
+        self,
+        objective: Optional[ObjectiveConfig] = None,
+        consistency_sweeps: int = 0,
+        sweeps_from: float = 0.0,
+        chain_length: int = 0,
+        chained_exit_weight: float = 0.0,
+    ) -> None:
         if consistency_sweeps < 0:
             raise ValueError(f"consistency_sweeps must be >= 0, got {consistency_sweeps}")
+        if not 0.0 <= sweeps_from <= 1.0:
+            raise ValueError(f"sweeps_from must be in [0, 1], got {sweeps_from}")
+        if chain_length < 0:
+            raise ValueError(f"chain_length must be >= 0, got {chain_length}")
+        if chained_exit_weight < 0:
+            raise ValueError(f"chained_exit_weight must be >= 0, got {chained_exit_weight}")
         self.objective = objective or ObjectiveConfig()
         self.consistency_sweeps = consistency_sweeps
+        self.sweeps_from = sweeps_from
+        self.chain_length = chain_length
+        self.chained_exit_weight = chained_exit_weight
+        # pipeline[i]: a detached chained activation at boundary i and its labels.
+        self.pipeline: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def compute_losses(self, model: HBLLModel, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        """Run one HBLL step on the batch ``(x, y)`` and return the summed local losses."""
+    def reset_pipeline(self) -> None:
+        """Empty the buffer of pipelined chained activations, for example after loading weights."""
+        self.pipeline = {}
+
+    def compute_losses(self, model: HBLLModel, x: torch.Tensor, y: torch.Tensor, progress: float = 1.0) -> StepResult:
+        """Run one HBLL step on the batch ``(x, y)`` and return the summed local losses.
+
+        ``progress`` is the fraction of training done, from 0 to 1.
+        """
+        objective = self.objective.at(progress)
+        sweeps = self.consistency_sweeps if progress >= self.sweeps_from else 0
         graph = TaskGraph()
         hidden_states = model.stem(x)
         stem_task = graph.add("stem")
 
         messages, message_tasks = self._forward_messages(model, hidden_states.detach(), stem_task, graph)
-        self._refine_leaf_messages(model, messages, message_tasks, graph)
+        self._refine_leaf_messages(model, messages, message_tasks, graph, sweeps)
+        self._chain_leaf_messages(model, messages, message_tasks, graph)
         outputs, output_tasks = self._node_outputs(model, hidden_states, messages, message_tasks, graph)
-        local_losses = self._local_losses(model, outputs, output_tasks, messages, y, graph)
+        local_losses = self._local_losses(model, objective, outputs, output_tasks, messages, y, graph)
+        if self.chained_exit_weight > 0:
+            self._add_chained_exits(model, objective, outputs, y, local_losses, graph)
         node_losses = {
-            node.name: {"exit": parts["exit"].detach(), "consistency": parts["consistency"].detach()}
+            node.name: {part: value.detach() for part, value in parts.items() if part != "total"}
             for node, parts in local_losses.items()
         }
         losses = {node: parts["total"] for node, parts in local_losses.items()}
@@ -105,12 +158,12 @@ class ReferenceEngine:
         return messages, tasks
 
     def _refine_leaf_messages(
-        self, model: HBLLModel, messages: dict[Node, torch.Tensor], tasks: dict[Node, Task], graph: TaskGraph
+        self, model: HBLLModel, messages: dict[Node, torch.Tensor], tasks: dict[Node, Task], graph: TaskGraph, sweeps: int
     ) -> None:
         # Jacobi sweeps u_i <- B_{i-1}(u_{i-1}) for all i >= 1 at once. Each sweep is one
         # synchronous round over all leaves, so its task waits for the whole previous round.
         leaves = model.tree.leaves
-        sweeps = min(self.consistency_sweeps, len(leaves) - 1)
+        sweeps = min(sweeps, len(leaves) - 1)
         with torch.no_grad():
             for sweep in range(sweeps):
                 previous = [messages[leaf] for leaf in leaves]
@@ -118,6 +171,21 @@ class ReferenceEngine:
                 for i in range(1, len(leaves)):
                     messages[leaves[i]] = model.blocks[i - 1](previous[i - 1])
                     tasks[leaves[i]] = round_task
+
+    def _chain_leaf_messages(
+        self, model: HBLLModel, messages: dict[Node, torch.Tensor], tasks: dict[Node, Task], graph: TaskGraph
+    ) -> None:
+        # A chain of c sequential block evaluations from a random leaf's message; the
+        # random start comes from torch's global generator, so seeding makes it repeatable.
+        leaves = model.tree.leaves
+        if self.chain_length == 0 or len(leaves) < 2:
+            return
+        start = int(torch.randint(0, len(leaves) - 1, ()))
+        end = min(start + self.chain_length, len(leaves) - 1)
+        with torch.no_grad():
+            for i in range(start + 1, end + 1):
+                messages[leaves[i]] = model.blocks[i - 1](messages[leaves[i - 1]])
+                tasks[leaves[i]] = graph.add(f"chain {leaves[i]}", [tasks[leaves[i - 1]]])
 
     def _node_outputs(
         self,
@@ -140,6 +208,7 @@ class ReferenceEngine:
     def _local_losses(
         self,
         model: HBLLModel,
+        objective: ObjectiveConfig,
         outputs: dict[Node, torch.Tensor],
         output_tasks: dict[Node, Task],
         messages: dict[Node, torch.Tensor],
@@ -147,7 +216,6 @@ class ReferenceEngine:
         graph: TaskGraph,
     ) -> dict[Node, dict[str, torch.Tensor]]:
         """Return, per node, its ``"exit"`` and ``"consistency"`` terms and their weighted ``"total"``."""
-        objective = self.objective
         tree = model.tree
         zero = outputs[tree.root].new_zeros(())
         exit_terms = {node: zero for node in tree.nodes}
@@ -196,6 +264,38 @@ class ReferenceEngine:
         }
 
 
+    def _add_chained_exits(
+        self,
+        model: HBLLModel,
+        objective: ObjectiveConfig,
+        outputs: dict[Node, torch.Tensor],
+        y: torch.Tensor,
+        local_losses: dict[Node, dict[str, torch.Tensor]],
+        graph: TaskGraph,
+    ) -> None:
+        leaves = model.tree.leaves
+        if len(leaves) < 3:
+            return
+        next_pipeline = {2: (outputs[leaves[1]].detach(), y)}
+        for i in range(2, len(leaves)):
+            if i not in self.pipeline:
+                continue
+            hidden_states, labels = self.pipeline[i]
+            output = model.blocks[i](hidden_states)
+            chained_exit = objective.task_loss(model.exit_head(i + 1)(output), labels)
+            parts = local_losses[leaves[i]]
+            parts["chained_exit"] = chained_exit
+            parts["total"] = parts["total"] + self.chained_exit_weight * chained_exit
+            if i + 1 < len(leaves):
+                next_pipeline[i + 1] = (output.detach(), labels)
+            # The buffered input exists when the step starts: a forward, an exit head and
+            # their backward, all off the critical path.
+            task = graph.add(f"chained forward {leaves[i]}")
+            task = graph.add(f"chained exit {leaves[i]}", [task])
+            graph.add(f"backward chained {leaves[i]}", [graph.add(f"backward chained exit {leaves[i]}", [task])])
+        self.pipeline = next_pipeline
+
+
 class BackpropEngine:
     """End-to-end backprop through the full network: stem, all N blocks, head.
 
@@ -208,7 +308,8 @@ class BackpropEngine:
     def __init__(self, objective: Optional[ObjectiveConfig] = None) -> None:
         self.objective = objective or ObjectiveConfig()
 
-    def compute_losses(self, model: HBLLModel, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+    def compute_losses(self, model: HBLLModel, x: torch.Tensor, y: torch.Tensor, progress: float = 1.0) -> StepResult:
+        """Run one backprop step; ``progress`` is accepted for a common interface and unused."""
         graph = TaskGraph()
         forward_tasks = [graph.add("stem")]
         hidden_states = model.stem(x)
@@ -229,11 +330,16 @@ class BackpropEngine:
 
 
 def build_engine(
-    method: str, objective: Optional[ObjectiveConfig] = None, consistency_sweeps: int = 0
+    method: str, objective: Optional[ObjectiveConfig] = None, **engine_options
 ) -> ReferenceEngine | BackpropEngine:
-    """Return the engine for ``method``: ``"hbll"`` (the reference engine) or ``"backprop"``."""
+    """Return the engine for ``method``: ``"hbll"`` (the reference engine) or ``"backprop"``.
+
+    ``engine_options`` go to ``ReferenceEngine`` (``consistency_sweeps``, ``sweeps_from``,
+    ``chain_length``, ``chained_exit_weight``). Backprop has no such options and ignores them, so one set of
+    settings can build both engines of a comparison.
+    """
     if method == "hbll":
-        return ReferenceEngine(objective, consistency_sweeps)
+        return ReferenceEngine(objective, **engine_options)
     if method == "backprop":
         return BackpropEngine(objective)
     raise ValueError(f"method must be 'hbll' or 'backprop', got {method!r}")
@@ -245,10 +351,14 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     x: torch.Tensor,
     y: torch.Tensor,
+    progress: float = 1.0,
 ) -> StepResult:
-    """Run one full training step: local losses, one ``backward()``, one optimizer step."""
+    """Run one full training step: local losses, one ``backward()``, one optimizer step.
+
+    ``progress`` is the fraction of training done, which drives the engine's schedules.
+    """
     optimizer.zero_grad(set_to_none=True)
-    result = engine.compute_losses(model, x, y)
+    result = engine.compute_losses(model, x, y, progress)
     result.loss.backward()
     optimizer.step()
     return result

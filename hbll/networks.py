@@ -64,6 +64,10 @@ class NetworkSpec:
     def build(self) -> tuple[nn.Module, list[nn.Module], nn.Module]:
         raise NotImplementedError
 
+    def model_options(self) -> dict:
+        """Return extra ``HBLLModel`` arguments of this network, such as its shortcut or exit-head factory."""
+        return {}
+
     def build_model(self, exit_heads: ExitHeadPolicy | None = None, **kwargs) -> HBLLModel:
         """Build the ``HBLLModel`` of this network; ``kwargs`` go to ``HBLLModel``."""
         missing = self.missing_arguments()
@@ -73,7 +77,8 @@ class NetworkSpec:
                 "fill_from_data(datamodule) first"
             )
         stem, blocks, head = self.build()
-        return HBLLModel(stem, blocks, head, exit_heads=exit_heads or self.default_exit_heads, **kwargs)
+        options = {**self.model_options(), **kwargs}
+        return HBLLModel(stem, blocks, head, exit_heads=exit_heads or self.default_exit_heads, **options)
 
     def config(self) -> dict:
         """Return the constructor arguments, for checkpoints and reports."""
@@ -88,20 +93,63 @@ class ResidualConvBlock(nn.Module):
     """Pre-activation residual block: ``x + conv(relu(norm(conv(relu(norm(x))))))``.
 
     GroupNorm keeps no batch statistics, so a block gives the same output whether it runs
-    on a message, inside a sweep or at inference.
+    on a message, inside a sweep or at inference. ``inner_width`` sets the channels
+    between the two convolutions (default ``width``); a narrower one makes a cheaper
+    shortcut.
     """
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, inner_width: Optional[int] = None) -> None:
         super().__init__()
+        inner_width = inner_width or width
         self.norm1 = _group_norm(width)
-        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.norm2 = _group_norm(width)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(width, inner_width, 3, padding=1, bias=False)
+        self.norm2 = _group_norm(inner_width)
+        self.conv2 = nn.Conv2d(inner_width, width, 3, padding=1, bias=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         out = self.conv1(F.relu(self.norm1(hidden_states)))
         out = self.conv2(F.relu(self.norm2(out)))
         return hidden_states + out
+
+
+class ConvExitHead(nn.Module):
+    """Exit head with one residual conv block before the pooled classifier."""
+
+    def __init__(self, width: int, num_classes: int) -> None:
+        super().__init__()
+        self.block = ResidualConvBlock(width)
+        self.classifier = _pooled_classifier(width, num_classes)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.block(hidden_states))
+
+
+class TargetEmbeddingHead(nn.Module):
+    """Exit head that scores a boundary against a learned embedding of every class.
+
+    This is the block-local-learning reading of an exit: each class has an embedding
+    ``t_c`` in the pooled feature space of the boundary, and the logits are
+    ``-|f(h) - t_c|^2 · exp(s)`` with ``f`` the normalised, pooled ``hidden_states`` and
+    ``s`` a learned log scale. Cross-entropy over these logits is the likelihood of the
+    target under a Gaussian centred at each class embedding.
+    """
+
+    def __init__(self, width: int, num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(_group_norm(width), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.targets = nn.Parameter(torch.randn(num_classes, width) * 0.1)
+        self.log_scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        features = self.features(hidden_states)
+        return -torch.cdist(features, self.targets).pow(2) * self.log_scale.exp()
+
+
+def _pooled_classifier(width: int, num_classes: int) -> nn.Sequential:
+    return nn.Sequential(_group_norm(width), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+
+
+ConvExitHeadKind = Literal["linear", "conv", "target_embedding"]
 
 
 class ConvResNet(NetworkSpec):
@@ -114,6 +162,12 @@ class ConvResNet(NetworkSpec):
         width: channels of ``hidden_states``.
         downsample: total stride of the stem, a power of two; 28×28 inputs with
             ``downsample=4`` give 7×7 ``hidden_states``.
+        exit_head: the local exit head of each boundary. ``"linear"`` is a pooled linear
+            classifier like the final head; ``"conv"`` puts one residual conv block
+            before it; ``"target_embedding"`` scores the pooled boundary against a
+            learned embedding of each class.
+        shortcut_width: the inner width of every shortcut block; None gives shortcuts
+            the blocks' architecture, so every cut is a plain network of this family.
     """
 
     data_arguments = {"in_channels": "in_channels", "num_classes": "num_classes"}
@@ -125,14 +179,22 @@ class ConvResNet(NetworkSpec):
         num_classes: Optional[int] = None,
         width: int = 32,
         downsample: int = 4,
+        exit_head: ConvExitHeadKind = "linear",
+        shortcut_width: Optional[int] = None,
     ) -> None:
         super().__init__(num_blocks)
         if downsample < 1 or downsample & (downsample - 1):
             raise ValueError(f"downsample must be a power of two (1, 2, 4, ...), got {downsample}")
+        if exit_head not in ("linear", "conv", "target_embedding"):
+            raise ValueError(f"exit_head must be 'linear', 'conv' or 'target_embedding', got {exit_head!r}")
+        if shortcut_width is not None and shortcut_width < 1:
+            raise ValueError(f"shortcut_width must be at least 1, got {shortcut_width}")
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.width = width
         self.downsample = downsample
+        self.exit_head = exit_head
+        self.shortcut_width = shortcut_width
 
     def build(self) -> tuple[nn.Module, list[nn.Module], nn.Module]:
         layers: list[nn.Module] = [nn.Conv2d(self.in_channels, self.width, 3, padding=1, bias=False)]
@@ -140,10 +202,17 @@ class ConvResNet(NetworkSpec):
             layers += [_group_norm(self.width), nn.ReLU(), nn.Conv2d(self.width, self.width, 3, stride=2, padding=1, bias=False)]
         stem = nn.Sequential(*layers)
         blocks = [ResidualConvBlock(self.width) for _ in range(self.num_blocks)]
-        head = nn.Sequential(
-            _group_norm(self.width), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(self.width, self.num_classes)
-        )
-        return stem, blocks, head
+        return stem, blocks, _pooled_classifier(self.width, self.num_classes)
+
+    def model_options(self) -> dict:
+        options: dict = {}
+        if self.shortcut_width is not None:
+            options["shortcut_factory"] = lambda node, span_blocks: ResidualConvBlock(self.width, self.shortcut_width)
+        if self.exit_head == "conv":
+            options["exit_head_factory"] = lambda boundary: ConvExitHead(self.width, self.num_classes)
+        elif self.exit_head == "target_embedding":
+            options["exit_head_factory"] = lambda boundary: TargetEmbeddingHead(self.width, self.num_classes)
+        return options
 
 
 class DecoderBlock(nn.Module):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,10 @@ class ObjectiveConfig:
     the consistency term into a scaled mean squared error. ``stem_consistency=False``
     keeps the consistency term of nodes whose span starts at 0 out of the stem, so the
     stem learns from their exit terms only.
+
+    ``consistency_weight_final`` and ``consistency_lambda_final`` schedule the two
+    weights: when set, the weight moves linearly from its starting value to the final
+    value over training (see ``at``). When None, the weight stays constant.
     """
 
     exit_weight: float = 1.0
@@ -40,15 +44,42 @@ class ObjectiveConfig:
     init_sigma: float = 1.0
     learn_sigma: bool = True
     stem_consistency: bool = False
+    consistency_weight_final: Optional[float] = None
+    consistency_lambda_final: Optional[float] = None
     task_loss: TaskLoss = field(default=cross_entropy_loss, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("exit_weight", "consistency_weight", "consistency_lambda"):
+        for name in (
+            "exit_weight",
+            "consistency_weight",
+            "consistency_lambda",
+            "consistency_weight_final",
+            "consistency_lambda_final",
+        ):
             value = getattr(self, name)
-            if value < 0:
+            if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if self.init_sigma <= 0:
             raise ValueError(f"init_sigma must be > 0, got {self.init_sigma}")
+
+    def at(self, progress: float) -> "ObjectiveConfig":
+        """Return the objective at ``progress``, the fraction of training done (0 to 1).
+
+        Scheduled weights are interpolated linearly; the result has no schedule left.
+        """
+        if not 0.0 <= progress <= 1.0:
+            raise ValueError(f"progress must be in [0, 1], got {progress}")
+
+        def interpolate(start: float, final: Optional[float]) -> float:
+            return start if final is None else start + (final - start) * progress
+
+        return replace(
+            self,
+            consistency_weight=interpolate(self.consistency_weight, self.consistency_weight_final),
+            consistency_lambda=interpolate(self.consistency_lambda, self.consistency_lambda_final),
+            consistency_weight_final=None,
+            consistency_lambda_final=None,
+        )
 
 
 def consistency_terms(

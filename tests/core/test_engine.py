@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from hbll import BackpropEngine, HBLLModel, ObjectiveConfig, ReferenceEngine, build_engine, train_step
+from hbll import BackpropEngine, HBLLModel, ObjectiveConfig, ReferenceEngine, build_engine, level_param_groups, train_step
 from tests.conftest import TinyBlock, make_tiny_model
 
 
@@ -138,3 +138,130 @@ def test_engine_fixed_sigma_gets_no_gradient(tiny_batch):
     result.loss.backward()
     assert all(p.grad is None for p in model.log_sigma.values())
     torch.testing.assert_close(model.log_sigma["0_4"].exp(), torch.tensor(0.5))
+
+
+@pytest.mark.parametrize("progress, expected_sweeps", [(0.0, 0), (0.49, 0), (0.5, 3), (1.0, 3)])
+def test_engine_sweeps_from_runs_sweeps_late_only(progress, expected_sweeps, tiny_batch):
+    model = make_tiny_model(8)
+    engine = ReferenceEngine(consistency_sweeps=3, sweeps_from=0.5)
+    result = engine.compute_losses(model, *tiny_batch, progress=progress)
+    assert result.task_graph.count("sweep") == expected_sweeps
+    assert result.critical_path == model.depth + expected_sweeps + 5
+
+
+@pytest.mark.parametrize("num_blocks, chain_length", [(2, 1), (8, 3), (8, 8), (5, 2)])
+def test_engine_chain_feeds_leaves_chained_inputs(num_blocks, chain_length, tiny_batch):
+    model = make_tiny_model(num_blocks)
+    x, y = tiny_batch
+    reference = ReferenceEngine().compute_losses(model, x, y)
+    torch.manual_seed(3)
+    result = ReferenceEngine(chain_length=chain_length).compute_losses(model, x, y)
+    leaves = model.tree.leaves
+    chained = [i for i, leaf in enumerate(leaves) if f"chain {leaf}" in result.task_graph.labels("chain")]
+    assert 1 <= len(chained) <= chain_length
+    assert chained == list(range(chained[0], chained[0] + len(chained)))
+    # Each chained leaf reads the block before it applied to that block's own input.
+    for i in chained:
+        with torch.no_grad():
+            expected = model.blocks[i - 1](result.messages[leaves[i - 1]])
+        torch.testing.assert_close(result.messages[leaves[i]], expected)
+    for i in set(range(len(leaves))) - set(chained):
+        assert torch.equal(result.messages[leaves[i]], reference.messages[leaves[i]])
+    assert model.depth + 5 <= result.critical_path <= model.depth + chain_length + 5
+
+
+def test_engine_chain_keeps_gradient_local(tiny_batch):
+    model = make_tiny_model(6)
+    torch.manual_seed(0)
+    result = ReferenceEngine(chain_length=6, consistency_sweeps=1).compute_losses(model, *tiny_batch)
+    for node, local_loss in result.local_losses.items():
+        model.zero_grad(set_to_none=True)
+        local_loss.backward(retain_graph=True)
+        touched = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert touched <= _owned_parameters(model, node)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"sweeps_from": 1.5}, "sweeps_from must be in \\[0, 1\\], got 1.5"),
+        ({"chain_length": -2}, "chain_length must be >= 0, got -2"),
+    ],
+)
+def test_engine_invalid_schedule_raises(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ReferenceEngine(**kwargs)
+
+
+def test_objective_schedule_interpolates_weights():
+    objective = ObjectiveConfig(consistency_weight=0.1, consistency_weight_final=0.5, consistency_lambda_final=0.0)
+    midway = objective.at(0.5)
+    assert midway.consistency_weight == pytest.approx(0.3)
+    assert midway.consistency_lambda == pytest.approx(0.5)
+    assert objective.at(1.0).consistency_weight == pytest.approx(0.5)
+    assert ObjectiveConfig(consistency_weight=0.3).at(0.7).consistency_weight == 0.3
+    with pytest.raises(ValueError, match="progress must be in \\[0, 1\\], got 2"):
+        objective.at(2)
+
+
+def test_engine_progress_drives_consistency_weight(tiny_batch):
+    model = make_tiny_model(4)
+    engine = ReferenceEngine(ObjectiveConfig(consistency_weight=0.0, consistency_weight_final=1.0))
+    early = engine.compute_losses(model, *tiny_batch, progress=0.0)
+    late = engine.compute_losses(model, *tiny_batch, progress=1.0)
+    exit_sum = sum(parts["exit"] for parts in early.node_losses.values())
+    torch.testing.assert_close(early.loss.detach(), exit_sum)
+    assert late.loss > early.loss
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, 2.0])
+def test_level_param_groups_scale_rate_per_level(scale):
+    model = make_tiny_model(4)
+    groups = level_param_groups(model, 1e-3, scale)
+    grouped = [id(p) for group in groups for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())
+    rates = {id(p): group["lr"] for group in groups for p in group["params"]}
+    for node in model.tree.nodes:
+        for param in model.node_module(node).parameters():
+            assert rates[id(param)] == pytest.approx(1e-3 * scale**node.level)
+    for param in model.stem.parameters():
+        assert rates[id(param)] == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="level_lr_scale must be > 0"):
+        level_param_groups(model, 1e-3, 0.0)
+
+
+def test_engine_pipeline_holds_exact_chained_activations():
+    torch.manual_seed(0)
+    model = make_tiny_model(6)
+    engine = ReferenceEngine(chained_exit_weight=1.0)
+    batches = [(torch.randn(4, 5), torch.randint(0, 3, (4,))) for _ in range(6)]
+    for step, (x, y) in enumerate(batches):
+        result = engine.compute_losses(model, x, y)
+    # After step t, the buffer of boundary i holds the batch of step t - (i - 2), carried
+    # through blocks 0 … i - 1: the full network's activation, with that batch's labels.
+    for boundary, (hidden_states, labels) in engine.pipeline.items():
+        x, y = batches[step - (boundary - 2)]
+        with torch.no_grad():
+            exact = model.stem(x)
+            for block in model.blocks[:boundary]:
+                exact = block(exact)
+        torch.testing.assert_close(hidden_states, exact)
+        assert torch.equal(labels, y)
+    assert sorted(engine.pipeline) == [2, 3, 4, 5]
+    assert {name for name, parts in result.node_losses.items() if "chained_exit" in parts} == {"2_3", "3_4", "4_5", "5_6"}
+
+
+def test_engine_chained_exits_keep_gradient_local_and_path_short(tiny_batch):
+    torch.manual_seed(0)
+    model = make_tiny_model(8)
+    engine = ReferenceEngine(chained_exit_weight=0.5)
+    for _ in range(7):
+        result = engine.compute_losses(model, *tiny_batch)
+    assert result.critical_path == model.depth + 5
+    for node, local_loss in result.local_losses.items():
+        model.zero_grad(set_to_none=True)
+        local_loss.backward(retain_graph=True)
+        touched = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert touched <= _owned_parameters(model, node)
+    engine.reset_pipeline()
+    assert engine.pipeline == {}

@@ -94,3 +94,27 @@ def test_checkpoint_records_initial_sigma_not_trained_value(tmp_path):
     loaded = load_checkpoint(tmp_path / "ckpt")
     assert loaded.init_sigma == 0.5
     torch.testing.assert_close(loaded.log_sigma["0_2"], torch.tensor(2.0))
+
+
+@pytest.mark.parametrize("exit_head", ["linear", "conv", "target_embedding"])
+@pytest.mark.parametrize("shortcut_width", [None, 8])
+def test_conv_resnet_exit_head_and_shortcut_options(exit_head, shortcut_width, tmp_path):
+    torch.manual_seed(0)
+    model = ConvResNet(4, 1, 10, width=16, exit_head=exit_head, shortcut_width=shortcut_width).build_model()
+    hidden_states = torch.randn(2, 16, 7, 7)
+    assert model.exit_head(2)(hidden_states).shape == (2, 10)
+    root_conv = model.shortcuts[model.tree.root.name].conv1
+    assert root_conv.out_channels == (shortcut_width or 16)
+    x = torch.randn(2, 1, 28, 28)
+    model.eval()
+    save_checkpoint(model, tmp_path / "ckpt", ConvResNet(4, 1, 10, width=16, exit_head=exit_head, shortcut_width=shortcut_width))
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    for depth in range(model.depth + 1):
+        torch.testing.assert_close(loaded(x, depth=depth), model(x, depth=depth))
+
+
+def test_conv_resnet_invalid_options_raise():
+    with pytest.raises(ValueError, match="exit_head must be 'linear', 'conv' or 'target_embedding', got 'mlp'"):
+        ConvResNet(4, exit_head="mlp")
+    with pytest.raises(ValueError, match="shortcut_width must be at least 1, got 0"):
+        ConvResNet(4, shortcut_width=0)
