@@ -17,6 +17,10 @@ A variant is a JSON object of these keys (all optional):
 - engine: ``consistency_sweeps``, ``sweeps_from``, ``chain_length``, ``chained_exit_weight``;
 - optimizer: ``lr`` and ``level_lr_scale``.
 
+Keys left out take the library defaults. ``--base`` holds keys shared by every variant.
+``--results FILE`` appends every finished run to FILE as a JSON line, and
+``--from-results FILE ...`` prints the table of saved runs, so the seeds of one
+comparison can run in parallel processes.
 Exploration reads the validation split (5,000 training images held out); the final
 comparison reads the test split with ``--split test``.
 """
@@ -27,6 +31,7 @@ import argparse
 import dataclasses
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -96,40 +101,84 @@ def train_variant(
     return accuracies, seconds, result.critical_path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=860, help="training steps per run (430 steps = one epoch at batch 128)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds; each variant runs once per seed")
-    parser.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "JSON"), required=True, help="a named variant")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--split", choices=["val", "test"], default="val", help="the split the table reports")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    data = FashionMNISTDataModule(batch_size=128)
-    data.setup()
-    variants = [(name, json.loads(spec)) for name, spec in args.variant]
-    max_depth = max(Tree(variant.get("num_blocks", 8)).depth for _, variant in variants)
-    depth_columns = " | ".join(f"depth {depth}" for depth in range(max_depth + 1))
-    print(f"Accuracy (%) on the {args.split} split, mean ± std over seeds {args.seeds}, {args.steps} steps")
-    print(f"| variant | {depth_columns} | critical path | seconds per run (ratio to first) |")
-    print("|---" * (max_depth + 4) + "|")
+def format_table(records: list[dict]) -> str:
+    """Render per-seed records as a Markdown table: one row per variant, mean ± std per depth."""
+    names = list(dict.fromkeys(record["name"] for record in records))
+    max_depth = max(len(record["accuracies"]) for record in records) - 1
+    settings = sorted({(record["split"], record["steps"]) for record in records})
+    seeds = sorted({record["seed"] for record in records})
+    header = ", ".join(f"{split} split, {steps} steps" for split, steps in settings)
+    lines = [
+        f"Accuracy (%) on the {header}; mean ± std over seeds {seeds}",
+        "| variant | seeds | " + " | ".join(f"depth {depth}" for depth in range(max_depth + 1))
+        + " | critical path | seconds per run (ratio to first row) |",
+        "|---" * (max_depth + 5) + "|",
+    ]
     first_seconds = None
-    for name, variant in variants:
-        runs = [train_variant(data, variant, args.steps, seed, args.split) for seed in args.seeds]
-        per_depth = list(zip(*(accuracies for accuracies, _, _ in runs)))
+    for name in names:
+        runs = [record for record in records if record["name"] == name]
+        per_depth = list(zip(*(run["accuracies"] for run in runs)))
         cells = [
             f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
             for values in per_depth
         ]
         cells += [""] * (max_depth + 1 - len(cells))
-        seconds = statistics.mean(s for _, s, _ in runs)
+        seconds = statistics.mean(run["seconds"] for run in runs)
         first_seconds = first_seconds or seconds
-        critical_path = runs[0][2]
-        print(
-            f"| {name} | {' | '.join(cells)} | {critical_path} | {seconds:.0f} ({seconds / first_seconds:.2f}×) |",
-            flush=True,
+        lines.append(
+            f"| {name} | {len(runs)} | {' | '.join(cells)} | {runs[0]['critical_path']} | "
+            f"{seconds:.0f} ({seconds / first_seconds:.2f}×) |"
         )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=860, help="training steps per run (430 steps = one epoch at batch 128)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds; each variant runs once per seed")
+    parser.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "JSON"), default=[], help="a named variant")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--base", default="{}", metavar="JSON", help="keys shared by every variant; a variant's own keys override them"
+    )
+    parser.add_argument("--split", choices=["val", "test"], default="val", help="the split the table reports")
+    parser.add_argument("--results", metavar="FILE", help="append one JSON line per finished run to FILE")
+    parser.add_argument(
+        "--from-results", nargs="+", metavar="FILE", help="print the table of runs saved with --results; trains nothing"
+    )
+    args = parser.parse_args()
+    if args.from_results:
+        records = [json.loads(line) for path in args.from_results for line in open(path) if line.strip()]
+        print(format_table(records))
+        return
+    if not args.variant:
+        parser.error("give at least one --variant NAME JSON, or --from-results FILE")
+    torch.set_num_threads(args.threads)
+
+    data = FashionMNISTDataModule(batch_size=128)
+    data.setup()
+    base = json.loads(args.base)
+    records = []
+    for name, spec in args.variant:
+        variant = {**base, **json.loads(spec)}
+        for seed in args.seeds:
+            accuracies, seconds, critical_path = train_variant(data, variant, args.steps, seed, args.split)
+            record = {
+                "name": name,
+                "variant": variant,
+                "seed": seed,
+                "split": args.split,
+                "steps": args.steps,
+                "accuracies": accuracies,
+                "seconds": seconds,
+                "critical_path": critical_path,
+            }
+            records.append(record)
+            if args.results:
+                with open(args.results, "a") as results:
+                    results.write(json.dumps(record) + "\n")
+            print(f"{name} seed {seed}: " + " ".join(f"{a:.2f}" for a in accuracies), file=sys.stderr, flush=True)
+    print(format_table(records))
 
 
 if __name__ == "__main__":

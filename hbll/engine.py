@@ -88,7 +88,7 @@ class ReferenceEngine:
         consistency_sweeps: int = 0,
         sweeps_from: float = 0.0,
         chain_length: int = 0,
-        chained_exit_weight: float = 0.0,
+        chained_exit_weight: float = 3.0,
     ) -> None:
         if consistency_sweeps < 0:
             raise ValueError(f"consistency_sweeps must be >= 0, got {consistency_sweeps}")

@@ -162,10 +162,10 @@ class ConvResNet(NetworkSpec):
         width: channels of ``hidden_states``.
         downsample: total stride of the stem, a power of two; 28×28 inputs with
             ``downsample=4`` give 7×7 ``hidden_states``.
-        exit_head: the local exit head of each boundary. ``"linear"`` is a pooled linear
-            classifier like the final head; ``"conv"`` puts one residual conv block
-            before it; ``"target_embedding"`` scores the pooled boundary against a
-            learned embedding of each class.
+        exit_head: the local exit head of each boundary. ``"target_embedding"`` (the
+            default) scores the pooled boundary against a learned embedding of each
+            class; ``"linear"`` is a pooled linear classifier like the final head;
+            ``"conv"`` puts one residual conv block before that classifier.
         shortcut_width: the inner width of every shortcut block; None gives shortcuts
             the blocks' architecture, so every cut is a plain network of this family.
     """
@@ -179,7 +179,7 @@ class ConvResNet(NetworkSpec):
         num_classes: Optional[int] = None,
         width: int = 32,
         downsample: int = 4,
-        exit_head: ConvExitHeadKind = "linear",
+        exit_head: ConvExitHeadKind = "target_embedding",
         shortcut_width: Optional[int] = None,
     ) -> None:
         super().__init__(num_blocks)

@@ -39,7 +39,7 @@ class ObjectiveConfig:
     """
 
     exit_weight: float = 1.0
-    consistency_weight: float = 1.0
+    consistency_weight: float = 0.3
     consistency_lambda: float = 1.0
     init_sigma: float = 1.0
     learn_sigma: bool = True

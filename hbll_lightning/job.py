@@ -133,9 +133,12 @@ class _ComparisonJob:
         start = time.perf_counter()
         cli.trainer.fit(module, datamodule=cli.datamodule)
         wall_time = time.perf_counter() - start
+        # The last validation of fit ran on the final weights; read it before testing.
+        val_metrics = module.depth_metrics("val")
         cli.trainer.test(module, datamodule=cli.datamodule, verbose=False)
 
         result = {
+            "val": val_metrics,
             "test": module.depth_metrics("test"),
             "wall_time_s": round(wall_time, 2),
             "steps": cli.trainer.global_step,

@@ -14,6 +14,7 @@ from hbll.engine import BackpropEngine, ReferenceEngine, StepResult, build_engin
 from hbll.model import ExitHeadPolicy, HBLLModel
 from hbll.networks import NetworkSpec, Task
 from hbll.objectives import ObjectiveConfig
+from hbll.optim import level_param_groups
 from hbll.tree import Tree
 
 __all__ = ["HBLLModule", "ModulesSpec", "PrebuiltModel"]
@@ -64,10 +65,16 @@ class HBLLModule(LightningModule):
         method: ``"hbll"`` trains every tree node on its local objective; ``"backprop"``
             trains the full network end to end with the same architecture.
         exit_heads: the exit-head policy; ``None`` takes the network's default.
-        exit_weight, consistency_weight, consistency_lambda, init_sigma, learn_sigma: the
-            local objective (see ``hbll.ObjectiveConfig``).
-        consistency_sweeps: K, the Jacobi sweeps that refine the leaf messages.
+        exit_weight, consistency_weight, consistency_lambda, init_sigma, learn_sigma,
+            consistency_weight_final, consistency_lambda_final: the local objective and
+            its schedules (see ``hbll.ObjectiveConfig``).
+        consistency_sweeps, sweeps_from, chain_length, chained_exit_weight: the
+            leaf-input options of ``hbll.ReferenceEngine``: K Jacobi sweeps, the fraction
+            of training from which they run, the leaves trained on chained inputs per
+            step, and the weight of the exit term on pipelined chained inputs.
         lr: peak learning rate of AdamW.
+        level_lr_scale: the learning rate of a tree node at level ℓ is
+            ``lr * level_lr_scale ** ℓ`` (see ``hbll.level_param_groups``).
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps before the cosine decay.
         lr_schedule: ``"cosine"`` decays to zero over the run, ``"constant"`` keeps ``lr``.
@@ -82,12 +89,18 @@ class HBLLModule(LightningModule):
         method: Method = "hbll",
         exit_heads: Optional[ExitHeadPolicy] = None,
         exit_weight: float = 1.0,
-        consistency_weight: float = 1.0,
+        consistency_weight: float = 0.3,
         consistency_lambda: float = 1.0,
         init_sigma: float = 1.0,
         learn_sigma: bool = True,
+        consistency_weight_final: Optional[float] = None,
+        consistency_lambda_final: Optional[float] = None,
         consistency_sweeps: int = 0,
+        sweeps_from: float = 0.0,
+        chain_length: int = 0,
+        chained_exit_weight: float = 3.0,
         lr: float = 2e-3,
+        level_lr_scale: float = 1.0,
         weight_decay: float = 0.01,
         warmup_steps: int = 0,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
@@ -107,6 +120,8 @@ class HBLLModule(LightningModule):
             consistency_lambda=consistency_lambda,
             init_sigma=init_sigma,
             learn_sigma=learn_sigma,
+            consistency_weight_final=consistency_weight_final,
+            consistency_lambda_final=consistency_lambda_final,
         )
         self.engine = self.build_engine()
         self.last_critical_path: Optional[int] = None
@@ -150,7 +165,15 @@ class HBLLModule(LightningModule):
 
     def build_engine(self) -> ReferenceEngine | BackpropEngine:
         """Return the single-process engine for this module's method and objective."""
-        return build_engine(self.method, self.objective, self.hparams.consistency_sweeps)
+        hp = self.hparams
+        return build_engine(
+            self.method,
+            self.objective,
+            consistency_sweeps=hp.consistency_sweeps,
+            sweeps_from=hp.sweeps_from,
+            chain_length=hp.chain_length,
+            chained_exit_weight=hp.chained_exit_weight,
+        )
 
     def forward(self, x: torch.Tensor, depth: Optional[int] = None) -> torch.Tensor:
         return self.model(x, depth=depth)
@@ -163,10 +186,23 @@ class HBLLModule(LightningModule):
     def run_engine_step(self, engine: ReferenceEngine | BackpropEngine, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Compute one step's loss with ``engine`` and log it; the caller runs backward."""
         x, y = batch
-        result = engine.compute_losses(self.model, x, y)
+        result = engine.compute_losses(self.model, x, y, self.training_progress())
         self.last_critical_path = result.critical_path
         self._log_step(result, batch_size=x.shape[0])
         return result.loss
+
+    def training_progress(self) -> float:
+        """Return the fraction of training done, from 0 to 1, which drives the schedules.
+
+        Without a trainer, or with no known length of training, it is 1: the schedules
+        sit at their final values.
+        """
+        if self._trainer is None:
+            return 1.0
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 1:
+            return 1.0
+        return min(self.global_step / (total - 1), 1.0)
 
     def _log_step(self, result: StepResult, batch_size: int) -> None:
         self.log("train/loss", result.loss.detach(), prog_bar=True, batch_size=batch_size)
@@ -183,8 +219,8 @@ class HBLLModule(LightningModule):
         self.log_dict(node_values, batch_size=batch_size)
 
     def configure_optimizers(self) -> dict:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        groups = level_param_groups(self.model, self.hparams.lr, self.hparams.level_lr_scale)
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         if self.hparams.lr_schedule == "constant" and self.hparams.warmup_steps == 0:
             return {"optimizer": optimizer}
         total_steps = max(int(self.trainer.estimated_stepping_batches), 1)

@@ -130,3 +130,37 @@ def test_module_from_model_trains_given_model(tmp_path):
 def test_module_from_model_conflicting_exit_heads_raises():
     with pytest.raises(ValueError, match="exit_heads='shared' conflicts with the given model"):
         HBLLModule.from_model(make_tiny_model(2), exit_heads="shared")
+
+
+def test_strategy_drives_schedules_and_level_rates(tmp_path):
+    torch.manual_seed(0)
+    module = _module(
+        num_blocks=6,
+        consistency_sweeps=2,
+        sweeps_from=0.5,
+        chained_exit_weight=1.0,
+        level_lr_scale=0.5,
+        consistency_weight=0.1,
+        consistency_weight_final=0.5,
+    )
+    train, _ = _loaders(num_samples=160)
+    trainer = _trainer(tmp_path, max_steps=10)
+    seen = []
+    original = module.run_engine_step
+
+    def record(engine, batch):
+        seen.append((module.training_progress(), engine.objective.at(module.training_progress()).consistency_weight))
+        loss = original(engine, batch)
+        seen[-1] += (module.last_critical_path,)
+        return loss
+
+    module.run_engine_step = record
+    trainer.fit(module, train)
+    progress = [p for p, _, _ in seen]
+    assert progress[0] == 0.0 and progress[-1] == 1.0
+    assert seen[-1][1] == pytest.approx(0.5)
+    # Sweeps add to the critical path only in the second half of training.
+    assert [path for p, _, path in seen] == [module.model.depth + 5 + (2 if p >= 0.5 else 0) for p in progress]
+    assert sorted(trainer.strategy.engine.pipeline) == [2, 3, 4, 5]
+    rates = sorted({group["initial_lr"] for group in trainer.optimizers[0].param_groups})
+    assert rates == pytest.approx([1e-2 * 0.5**level for level in (3, 2, 1, 0)])
