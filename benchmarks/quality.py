@@ -14,7 +14,8 @@ A variant is a JSON object of these keys (all optional):
 - network: ``num_blocks`` (default 8), ``width``, ``exit_head``, ``shortcut_width``;
 - any ``ObjectiveConfig`` field, including ``init_sigma``, ``learn_sigma`` and the
   schedules ``consistency_weight_final`` and ``consistency_lambda_final``;
-- engine: ``consistency_sweeps``, ``sweeps_from``, ``chain_length``, ``chained_exit_weight``;
+- engine: ``consistency_sweeps``, ``sweeps_from``, ``chain_length``, ``chained_exit_weight``,
+  ``chained_exit_trains_head``;
 - optimizer: ``lr`` and ``level_lr_scale``.
 
 Keys left out take the library defaults. ``--base`` holds keys shared by every variant.
@@ -42,7 +43,7 @@ from hbll_lightning.data import FashionMNISTDataModule
 
 OBJECTIVE_KEYS = {field.name for field in dataclasses.fields(ObjectiveConfig)} - {"task_loss"}
 NETWORK_KEYS = {"num_blocks", "width", "exit_head", "shortcut_width"}
-ENGINE_KEYS = {"consistency_sweeps", "sweeps_from", "chain_length", "chained_exit_weight"}
+ENGINE_KEYS = {"consistency_sweeps", "sweeps_from", "chain_length", "chained_exit_weight", "chained_exit_trains_head"}
 OTHER_KEYS = {"method", "lr", "level_lr_scale"}
 VALID_KEYS = OBJECTIVE_KEYS | NETWORK_KEYS | ENGINE_KEYS | OTHER_KEYS
 

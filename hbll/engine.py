@@ -74,6 +74,10 @@ class ReferenceEngine:
             before, computed by blocks up to i - 1 steps old. These evaluations read
             only the buffer, which exists when the step starts, so they add nothing to
             the critical path; the buffer fills in the first N - 2 steps.
+        chained_exit_trains_head: whether the chained exit of the last leaf trains the
+            final head. With False it reads the head through detached parameters, so
+            only the nodes that end at boundary N on message inputs train the head
+            that every cut shares.
 
     ``compute_losses`` takes ``progress``, the fraction of training done, which drives the
     schedules above and those of ``objective``. Without it the schedules sit at their
@@ -89,6 +93,7 @@ class ReferenceEngine:
         sweeps_from: float = 0.0,
         chain_length: int = 0,
         chained_exit_weight: float = 3.0,
+        chained_exit_trains_head: bool = True,
     ) -> None:
         if consistency_sweeps < 0:
             raise ValueError(f"consistency_sweeps must be >= 0, got {consistency_sweeps}")
@@ -103,6 +108,7 @@ class ReferenceEngine:
         self.sweeps_from = sweeps_from
         self.chain_length = chain_length
         self.chained_exit_weight = chained_exit_weight
+        self.chained_exit_trains_head = chained_exit_trains_head
         # pipeline[i]: a detached chained activation at boundary i and its labels.
         self.pipeline: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -282,7 +288,9 @@ class ReferenceEngine:
                 continue
             hidden_states, labels = self.pipeline[i]
             output = model.blocks[i](hidden_states)
-            chained_exit = objective.task_loss(model.exit_head(i + 1)(output), labels)
+            last = i + 1 == len(leaves)
+            exit_head = model.frozen_head if last and not self.chained_exit_trains_head else model.exit_head(i + 1)
+            chained_exit = objective.task_loss(exit_head(output), labels)
             parts = local_losses[leaves[i]]
             parts["chained_exit"] = chained_exit
             parts["total"] = parts["total"] + self.chained_exit_weight * chained_exit
@@ -334,9 +342,10 @@ def build_engine(
 ) -> ReferenceEngine | BackpropEngine:
     """Return the engine for ``method``: ``"hbll"`` (the reference engine) or ``"backprop"``.
 
-    ``engine_options`` go to ``ReferenceEngine`` (``consistency_sweeps``, ``sweeps_from``,
-    ``chain_length``, ``chained_exit_weight``). Backprop has no such options and ignores them, so one set of
-    settings can build both engines of a comparison.
+    ``engine_options`` go to ``ReferenceEngine``: ``consistency_sweeps``, ``sweeps_from``,
+    ``chain_length``, ``chained_exit_weight`` and ``chained_exit_trains_head``. Backprop
+    has no such options and ignores them, so one set of settings can build both engines
+    of a comparison.
     """
     if method == "hbll":
         return ReferenceEngine(objective, **engine_options)

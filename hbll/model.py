@@ -150,11 +150,11 @@ class HBLLModel(nn.Module):
             return self.head
         if self.exit_head_policy == "local":
             return self.exit_heads[str(boundary)]
-        return self._frozen_head
+        return self.frozen_head
 
-    def _frozen_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # The shared policy reads a boundary through the final head without training it:
-        # detached parameters pass gradient to hidden_states only.
+    def frozen_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Apply the final head through detached parameters: gradient reaches ``hidden_states`` only."""
+        # The shared policy reads every boundary this way.
         params = {name: p.detach() for name, p in self.head.named_parameters()}
         buffers = dict(self.head.named_buffers())
         return functional_call(self.head, {**params, **buffers}, (hidden_states,))

@@ -68,10 +68,11 @@ class HBLLModule(LightningModule):
         exit_weight, consistency_weight, consistency_lambda, init_sigma, learn_sigma,
             consistency_weight_final, consistency_lambda_final: the local objective and
             its schedules (see ``hbll.ObjectiveConfig``).
-        consistency_sweeps, sweeps_from, chain_length, chained_exit_weight: the
-            leaf-input options of ``hbll.ReferenceEngine``: K Jacobi sweeps, the fraction
-            of training from which they run, the leaves trained on chained inputs per
-            step, and the weight of the exit term on pipelined chained inputs.
+        consistency_sweeps, sweeps_from, chain_length, chained_exit_weight,
+            chained_exit_trains_head: the leaf-input options of ``hbll.ReferenceEngine``:
+            K Jacobi sweeps, the fraction of training from which they run, the leaves
+            trained on chained inputs per step, the weight of the exit term on pipelined
+            chained inputs, and whether that term trains the final head.
         lr: peak learning rate of AdamW.
         level_lr_scale: the learning rate of a tree node at level ℓ is
             ``lr * level_lr_scale ** ℓ`` (see ``hbll.level_param_groups``).
@@ -99,6 +100,7 @@ class HBLLModule(LightningModule):
         sweeps_from: float = 0.0,
         chain_length: int = 0,
         chained_exit_weight: float = 3.0,
+        chained_exit_trains_head: bool = True,
         lr: float = 2e-3,
         level_lr_scale: float = 1.0,
         weight_decay: float = 0.01,
@@ -173,6 +175,7 @@ class HBLLModule(LightningModule):
             sweeps_from=hp.sweeps_from,
             chain_length=hp.chain_length,
             chained_exit_weight=hp.chained_exit_weight,
+            chained_exit_trains_head=hp.chained_exit_trains_head,
         )
 
     def forward(self, x: torch.Tensor, depth: Optional[int] = None) -> torch.Tensor:

@@ -265,3 +265,21 @@ def test_engine_chained_exits_keep_gradient_local_and_path_short(tiny_batch):
         assert touched <= _owned_parameters(model, node)
     engine.reset_pipeline()
     assert engine.pipeline == {}
+
+
+@pytest.mark.parametrize("trains_head", [True, False])
+def test_engine_chained_exit_head_training_is_optional(trains_head, tiny_batch):
+    torch.manual_seed(0)
+    model = make_tiny_model(4)
+    # With the other terms weighted 0, the last leaf's loss is its chained exit alone.
+    objective = ObjectiveConfig(exit_weight=0.0, consistency_weight=0.0)
+    engine = ReferenceEngine(objective, chained_exit_weight=1.0, chained_exit_trains_head=trains_head)
+    for _ in range(3):
+        result = engine.compute_losses(model, *tiny_batch)
+    last_leaf = model.tree.leaves[-1]
+    assert "chained_exit" in result.node_losses[last_leaf.name]
+    model.zero_grad(set_to_none=True)
+    result.local_losses[last_leaf].backward()
+    head_grad = model.head.weight.grad
+    assert (head_grad is not None and head_grad.abs().sum() > 0) == trains_head
+    assert model.blocks[last_leaf.start].linear.weight.grad.abs().sum() > 0

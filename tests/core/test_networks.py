@@ -118,3 +118,18 @@ def test_conv_resnet_invalid_options_raise():
         ConvResNet(4, exit_head="mlp")
     with pytest.raises(ValueError, match="shortcut_width must be at least 1, got 0"):
         ConvResNet(4, shortcut_width=0)
+
+
+def test_target_embedding_head_prefers_nearest_class():
+    from hbll.networks import TargetEmbeddingHead
+
+    head = TargetEmbeddingHead(width=8, num_classes=3)
+    hidden_states = torch.randn(4, 8, 5, 5)
+    features = head.features(hidden_states)
+    with torch.no_grad():
+        head.targets.copy_(torch.stack([features[1], features[0] + 5.0, features[2]]))
+    logits = head(hidden_states)
+    assert logits.shape == (4, 3)
+    assert logits[1].argmax().item() == 0
+    assert logits[2].argmax().item() == 2
+    assert torch.all(logits <= 0)
