@@ -18,7 +18,7 @@ A variant is a JSON object of these keys (all optional):
   ``chained_exit_trains_head``;
 - optimizer: ``lr`` and ``level_lr_scale``.
 
-Keys left out take the library defaults. ``--base`` holds keys shared by every variant.
+Keys left out take the library defaults. ``--base`` contains keys shared by every variant.
 ``--results FILE`` appends every finished run to FILE as a JSON line, and
 ``--from-results FILE ...`` prints the table of saved runs, so the seeds of one
 comparison can run in parallel processes.

@@ -73,7 +73,7 @@ class ReferenceEngine:
             trains on the full network's activation of the batch from i - 1 steps
             before, computed by blocks up to i - 1 steps old. These evaluations read
             only the buffer, which exists when the step starts, so they add nothing to
-            the critical path; the buffer fills in the first N - 2 steps.
+            the critical path. The buffer fills in the first N - 2 steps.
         chained_exit_trains_head: whether the chained exit of the last leaf trains the
             final head. With False it reads the head through detached parameters, so
             only the nodes that end at boundary N on message inputs train the head

@@ -186,6 +186,7 @@ def test_engine_chain_keeps_gradient_local(tiny_batch):
     [
         ({"sweeps_from": 1.5}, "sweeps_from must be in \\[0, 1\\], got 1.5"),
         ({"chain_length": -2}, "chain_length must be >= 0, got -2"),
+        ({"chained_exit_weight": -1.0}, "chained_exit_weight must be >= 0, got -1.0"),
     ],
 )
 def test_engine_invalid_schedule_raises(kwargs, message):
@@ -202,6 +203,8 @@ def test_objective_schedule_interpolates_weights():
     assert ObjectiveConfig(consistency_weight=0.3).at(0.7).consistency_weight == 0.3
     with pytest.raises(ValueError, match="progress must be in \\[0, 1\\], got 2"):
         objective.at(2)
+    with pytest.raises(ValueError, match="consistency_weight_final must be >= 0, got -0.5"):
+        ObjectiveConfig(consistency_weight_final=-0.5)
 
 
 def test_engine_progress_drives_consistency_weight(tiny_batch):
@@ -251,7 +254,7 @@ def test_engine_pipeline_holds_exact_chained_activations():
     assert {name for name, parts in result.node_losses.items() if "chained_exit" in parts} == {"2_3", "3_4", "4_5", "5_6"}
 
 
-def test_engine_chained_exits_keep_gradient_local_and_path_short(tiny_batch):
+def test_engine_chained_exits_stay_local(tiny_batch):
     torch.manual_seed(0)
     model = make_tiny_model(8)
     engine = ReferenceEngine(chained_exit_weight=0.5)
@@ -281,5 +284,9 @@ def test_engine_chained_exit_head_training_is_optional(trains_head, tiny_batch):
     model.zero_grad(set_to_none=True)
     result.local_losses[last_leaf].backward()
     head_grad = model.head.weight.grad
-    assert (head_grad is not None and head_grad.abs().sum() > 0) == trains_head
+    if trains_head:
+        assert head_grad is not None
+        assert head_grad.abs().sum() > 0
+    else:
+        assert head_grad is None
     assert model.blocks[last_leaf.start].linear.weight.grad.abs().sum() > 0

@@ -157,7 +157,8 @@ def test_strategy_drives_schedules_and_level_rates(tmp_path):
     module.run_engine_step = record
     trainer.fit(module, train)
     progress = [p for p, _, _ in seen]
-    assert progress[0] == 0.0 and progress[-1] == 1.0
+    assert progress[0] == 0.0
+    assert progress[-1] == 1.0
     assert seen[-1][1] == pytest.approx(0.5)
     # Sweeps add to the critical path only in the second half of training.
     assert [path for p, _, path in seen] == [module.model.depth + 5 + (2 if p >= 0.5 else 0) for p in progress]
