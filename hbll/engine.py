@@ -8,7 +8,7 @@ plain PyTorch loop, the Lightning strategy and later distributed engines.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Hashable, Mapping, Optional, Protocol, Sequence
 
 import torch
 
@@ -17,7 +17,69 @@ from hbll.model import HBLLModel, check_hidden_shape
 from hbll.objectives import ObjectiveConfig, consistency_terms
 from hbll.tree import Node
 
-__all__ = ["StepResult", "ReferenceEngine", "BackpropEngine", "build_engine", "train_step"]
+__all__ = [
+    "StepResult",
+    "Route",
+    "NodeComm",
+    "LocalComm",
+    "ReferenceEngine",
+    "BackpropEngine",
+    "build_engine",
+    "train_step",
+]
+
+
+@dataclass(frozen=True)
+class Route:
+    """A tensor that the owner of ``producer`` computes and the owners of ``consumers`` read.
+
+    ``key`` names the tensor within one exchange. Every tensor has the shape of
+    ``hidden_states`` unless ``scalar`` is set.
+    """
+
+    key: Hashable
+    producer: Node
+    consumers: tuple[Node, ...]
+    scalar: bool = False
+
+
+class NodeComm(Protocol):
+    """Where the nodes of the tree live, and how tensors move between their owners.
+
+    The reference engine runs the same code in one process and in many: it computes the
+    nodes that ``owns`` accepts, and calls ``exchange`` at every point where one node's
+    owner needs a tensor that another node's owner computed. Every process must call
+    ``exchange`` with the same routes in the same order.
+    """
+
+    def owns(self, node: Node) -> bool:
+        """Whether this process computes ``node``."""
+        ...
+
+    def begin_step(self, hidden_states: Optional[torch.Tensor]) -> None:
+        """Start a step; ``hidden_states`` is ``z_0`` where this process ran the stem, else None."""
+        ...
+
+    def exchange(
+        self, produced: Mapping[Hashable, torch.Tensor], routes: Sequence[Route]
+    ) -> dict[Hashable, torch.Tensor]:
+        """Return the tensors of ``routes`` that this process produced or consumes, by key."""
+        ...
+
+
+class LocalComm:
+    """Every node lives in this process, so an exchange returns what was produced."""
+
+    def owns(self, node: Node) -> bool:
+        return True
+
+    def begin_step(self, hidden_states: Optional[torch.Tensor]) -> None:
+        pass
+
+    def exchange(
+        self, produced: Mapping[Hashable, torch.Tensor], routes: Sequence[Route]
+    ) -> dict[Hashable, torch.Tensor]:
+        return dict(produced)
 
 
 @dataclass
@@ -78,6 +140,9 @@ class ReferenceEngine:
             final head. With False it reads the head through detached parameters, so
             only the nodes that end at boundary N on message inputs train the head
             that every cut shares.
+        comm: where the nodes live (see ``NodeComm``); by default all in this process.
+            ``hbll.distributed.TreeComm`` spreads them over processes, and the engine
+            then computes the local losses of this process's nodes only.
 
     ``compute_losses`` takes ``progress``, the fraction of training done, which drives the
     schedules above and those of ``objective``. Without it the schedules sit at their
@@ -94,6 +159,7 @@ class ReferenceEngine:
         chain_length: int = 0,
         chained_exit_weight: float = 3.0,
         chained_exit_trains_head: bool = True,
+        comm: Optional[NodeComm] = None,
     ) -> None:
         if consistency_sweeps < 0:
             raise ValueError(f"consistency_sweeps must be >= 0, got {consistency_sweeps}")
@@ -109,25 +175,35 @@ class ReferenceEngine:
         self.chain_length = chain_length
         self.chained_exit_weight = chained_exit_weight
         self.chained_exit_trains_head = chained_exit_trains_head
-        # pipeline[i]: a detached chained activation at boundary i and its labels.
+        self.comm = comm or LocalComm()
+        # pipeline[i]: a detached chained activation at boundary i and its labels, for the
+        # leaves this process owns; _pipeline_labels holds the labels of every boundary.
         self.pipeline: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pipeline_labels: dict[int, torch.Tensor] = {}
 
     def reset_pipeline(self) -> None:
         """Empty the buffer of pipelined chained activations, for example after loading weights."""
         self.pipeline = {}
+        self._pipeline_labels = {}
 
     def compute_losses(self, model: HBLLModel, x: torch.Tensor, y: torch.Tensor, progress: float = 1.0) -> StepResult:
         """Run one HBLL step on the batch ``(x, y)`` and return the summed local losses.
 
-        ``progress`` is the fraction of training done, from 0 to 1.
+        ``progress`` is the fraction of training done, from 0 to 1. With a ``comm`` that
+        places nodes on several processes, the result holds the losses of this process's
+        nodes only, and its critical path is that of the whole step.
         """
         objective = self.objective.at(progress)
         sweeps = self.consistency_sweeps if progress >= self.sweeps_from else 0
+        tree, comm = model.tree, self.comm
         graph = TaskGraph()
-        hidden_states = model.stem(x)
+        # Nodes whose span starts at 0 read z_0 with its graph, so only their owners run the stem.
+        needs_stem = any(comm.owns(node) for node in tree.left_spine(tree.root))
+        hidden_states = model.stem(x) if needs_stem else None
         stem_task = graph.add("stem")
+        comm.begin_step(hidden_states)
 
-        messages, message_tasks = self._forward_messages(model, hidden_states.detach(), stem_task, graph)
+        messages, message_tasks = self._forward_messages(model, hidden_states, stem_task, graph)
         self._refine_leaf_messages(model, messages, message_tasks, graph, sweeps)
         self._chain_leaf_messages(model, messages, message_tasks, graph)
         outputs, output_tasks = self._node_outputs(model, hidden_states, messages, message_tasks, graph)
@@ -143,24 +219,32 @@ class ReferenceEngine:
         return StepResult(loss, node_losses, graph.critical_path, messages, losses, graph)
 
     def _forward_messages(
-        self, model: HBLLModel, z0: torch.Tensor, stem_task: Task, graph: TaskGraph
+        self, model: HBLLModel, hidden_states: Optional[torch.Tensor], stem_task: Task, graph: TaskGraph
     ) -> tuple[dict[Node, torch.Tensor], dict[Node, Task]]:
         # Level l + 1 needs only level l, so all messages exist after L rounds. Messages
-        # carry no gradient: they are the detached inputs of the nodes below.
-        tree = model.tree
-        messages = {tree.root: z0}
+        # carry no gradient: they are the detached inputs of the nodes below. The message
+        # of a right child r is also the message of every node that starts where r starts.
+        tree, comm = model.tree, self.comm
+        messages: dict[Node, torch.Tensor] = {}
+        if hidden_states is not None:
+            messages.update(dict.fromkeys(tree.left_spine(tree.root), hidden_states.detach()))
         tasks = {tree.root: stem_task}
         with torch.no_grad():
             for level in tree.levels[:-1]:
+                produced, routes = {}, []
                 for node in level:
                     if node.is_leaf:
                         continue
                     left, right = tree.children(node)
-                    messages[left], tasks[left] = messages[node], tasks[node]
-                    right_message = model.node_module(left)(messages[node])
-                    check_hidden_shape(left, messages[node], right_message)
-                    messages[right] = right_message
+                    tasks[left] = tasks[node]
                     tasks[right] = graph.add(f"message {right}", [tasks[node]])
+                    routes.append(Route(("message", right), left, tuple(tree.left_spine(right))))
+                    if comm.owns(left):
+                        right_message = model.node_module(left)(messages[node])
+                        check_hidden_shape(left, messages[node], right_message)
+                        produced[("message", right)] = right_message
+                for (_, right), message in comm.exchange(produced, routes).items():
+                    messages.update(dict.fromkeys(tree.left_spine(right), message))
         return messages, tasks
 
     def _refine_leaf_messages(
@@ -168,35 +252,44 @@ class ReferenceEngine:
     ) -> None:
         # Jacobi sweeps u_i <- B_{i-1}(u_{i-1}) for all i >= 1 at once. Each sweep is one
         # synchronous round over all leaves, so its task waits for the whole previous round.
-        leaves = model.tree.leaves
+        leaves, comm = model.tree.leaves, self.comm
         sweeps = min(sweeps, len(leaves) - 1)
         with torch.no_grad():
             for sweep in range(sweeps):
-                previous = [messages[leaf] for leaf in leaves]
                 round_task = graph.add(f"sweep {sweep}", [tasks[leaf] for leaf in leaves])
+                produced, routes = {}, []
                 for i in range(1, len(leaves)):
-                    messages[leaves[i]] = model.blocks[i - 1](previous[i - 1])
+                    routes.append(Route(("sweep", leaves[i]), leaves[i - 1], (leaves[i],)))
+                    if comm.owns(leaves[i - 1]):
+                        produced[("sweep", leaves[i])] = model.blocks[i - 1](messages[leaves[i - 1]])
                     tasks[leaves[i]] = round_task
+                for (_, leaf), message in comm.exchange(produced, routes).items():
+                    messages[leaf] = message
 
     def _chain_leaf_messages(
         self, model: HBLLModel, messages: dict[Node, torch.Tensor], tasks: dict[Node, Task], graph: TaskGraph
     ) -> None:
         # A chain of c sequential block evaluations from a random leaf's message; the
         # random start comes from torch's global generator, so seeding makes it repeatable.
-        leaves = model.tree.leaves
+        leaves, comm = model.tree.leaves, self.comm
         if self.chain_length == 0 or len(leaves) < 2:
             return
         start = int(torch.randint(0, len(leaves) - 1, ()))
         end = min(start + self.chain_length, len(leaves) - 1)
         with torch.no_grad():
             for i in range(start + 1, end + 1):
-                messages[leaves[i]] = model.blocks[i - 1](messages[leaves[i - 1]])
+                produced = {}
+                if comm.owns(leaves[i - 1]):
+                    produced[("chain", leaves[i])] = model.blocks[i - 1](messages[leaves[i - 1]])
+                route = Route(("chain", leaves[i]), leaves[i - 1], (leaves[i],))
+                for (_, leaf), message in comm.exchange(produced, [route]).items():
+                    messages[leaf] = message
                 tasks[leaves[i]] = graph.add(f"chain {leaves[i]}", [tasks[leaves[i - 1]]])
 
     def _node_outputs(
         self,
         model: HBLLModel,
-        hidden_states: torch.Tensor,
+        hidden_states: Optional[torch.Tensor],
         messages: dict[Node, torch.Tensor],
         message_tasks: dict[Node, Task],
         graph: TaskGraph,
@@ -205,10 +298,12 @@ class ReferenceEngine:
         # them. Every other node reads its detached message, so no gradient crosses a node.
         outputs, tasks = {}, {}
         for node in model.tree.nodes:
+            tasks[node] = graph.add(f"forward {node}", [message_tasks[node]])
+            if not self.comm.owns(node):
+                continue
             node_input = hidden_states if node.start == 0 else messages[node].detach()
             outputs[node] = model.node_module(node)(node_input)
             check_hidden_shape(node, node_input, outputs[node])
-            tasks[node] = graph.add(f"forward {node}", [message_tasks[node]])
         return outputs, tasks
 
     def _local_losses(
@@ -221,34 +316,44 @@ class ReferenceEngine:
         y: torch.Tensor,
         graph: TaskGraph,
     ) -> dict[Node, dict[str, torch.Tensor]]:
-        """Return, per node, its ``"exit"`` and ``"consistency"`` terms and their weighted ``"total"``."""
-        tree = model.tree
-        zero = outputs[tree.root].new_zeros(())
-        exit_terms = {node: zero for node in tree.nodes}
-        consistency = {node: zero for node in tree.nodes}
+        """Return, per owned node, its ``"exit"`` and ``"consistency"`` terms and their weighted ``"total"``."""
+        tree, comm = model.tree, self.comm
+        owned = [node for node in tree.nodes if comm.owns(node)]
+        zero = outputs[owned[0]].new_zeros(())
+        exit_terms = dict.fromkeys(owned, zero)
+        consistency = dict.fromkeys(owned, zero)
         loss_deps: dict[Node, list[Task]] = {node: [output_tasks[node]] for node in tree.nodes}
+        use_consistency = objective.consistency_weight > 0
+        peers = self._exchange_consistency_peers(model, outputs) if use_consistency else {}
 
         for node in tree.nodes:
             if objective.exit_weight > 0:
-                logits = model.exit_head(node.end)(outputs[node])
-                exit_terms[node] = objective.task_loss(logits, y)
                 loss_deps[node] = [graph.add(f"exit {node}", [output_tasks[node]])]
-            if node.is_leaf or objective.consistency_weight == 0:
+                if comm.owns(node):
+                    logits = model.exit_head(node.end)(outputs[node])
+                    exit_terms[node] = objective.task_loss(logits, y)
+            if node.is_leaf or not use_consistency:
                 continue
             _, right = tree.children(node)
-            coarse_output = outputs[node]
-            if node.start == 0 and not objective.stem_consistency:
-                # The same shortcut output, but from a detached z_0: the stem could
-                # otherwise lower this term by collapsing z_0 so that estimates agree.
-                # The extra evaluation runs in the same round as the node's forward.
-                coarse_output = model.node_module(node)(messages[node].detach())
-            coarse, fine = consistency_terms(
-                coarse_output, outputs[right], model.log_sigma[node.name], objective.consistency_lambda
-            )
-            consistency[node] = consistency[node] + coarse
-            consistency[right] = consistency[right] + fine
             loss_deps[node].append(output_tasks[right])
             loss_deps[right].append(output_tasks[node])
+            if not (comm.owns(node) or comm.owns(right)):
+                continue
+            if comm.owns(node):
+                coarse_output, log_sigma = outputs[node], model.log_sigma[node.name]
+                if node.start == 0 and not objective.stem_consistency:
+                    # The same shortcut output, but from a detached z_0: the stem could
+                    # otherwise lower this term by collapsing z_0 so that estimates agree.
+                    # The extra evaluation runs in the same round as the node's forward.
+                    coarse_output = model.node_module(node)(messages[node].detach())
+            else:
+                coarse_output, log_sigma = peers[("output", node)], peers[("log_sigma", node)]
+            fine_output = outputs[right] if comm.owns(right) else peers[("output", right)]
+            coarse, fine = consistency_terms(coarse_output, fine_output, log_sigma, objective.consistency_lambda)
+            if comm.owns(node):
+                consistency[node] = consistency[node] + coarse
+            if comm.owns(right):
+                consistency[right] = consistency[right] + fine
 
         # Backward: each node's gradient runs through its exit head and its own module
         # only. The stem's backward waits for the nodes whose span starts at 0.
@@ -266,9 +371,28 @@ class ReferenceEngine:
                 "consistency": consistency[node],
                 "total": objective.exit_weight * exit_terms[node] + objective.consistency_weight * consistency[node],
             }
-            for node in tree.nodes
+            for node in owned
         }
 
+    def _exchange_consistency_peers(
+        self, model: HBLLModel, outputs: dict[Node, torch.Tensor]
+    ) -> dict[tuple[str, Node], torch.Tensor]:
+        # Each consistency pair (node, right child) needs the other side's detached output,
+        # and the right child needs the node's σ; these are the only values besides the
+        # messages that move between the owners of two nodes.
+        tree, comm = model.tree, self.comm
+        consumers: dict[tuple[str, Node], list[Node]] = {}
+        for node in tree.internal_nodes:
+            _, right = tree.children(node)
+            consumers.setdefault(("output", node), []).append(right)
+            consumers.setdefault(("log_sigma", node), []).append(right)
+            consumers.setdefault(("output", right), []).append(node)
+        routes = [Route(key, key[1], tuple(nodes), scalar=key[0] == "log_sigma") for key, nodes in consumers.items()]
+        produced = {}
+        for kind, node in consumers:
+            if comm.owns(node):
+                produced[(kind, node)] = (outputs[node] if kind == "output" else model.log_sigma[node.name]).detach()
+        return comm.exchange(produced, routes)
 
     def _add_chained_exits(
         self,
@@ -279,15 +403,28 @@ class ReferenceEngine:
         local_losses: dict[Node, dict[str, torch.Tensor]],
         graph: TaskGraph,
     ) -> None:
-        leaves = model.tree.leaves
+        leaves, comm = model.tree.leaves, self.comm
         if len(leaves) < 3:
             return
-        next_pipeline = {2: (outputs[leaves[1]].detach(), y)}
+        # Every process tracks the labels of every buffer, so only activations move.
+        next_labels = {2: y}
+        routes = [Route(("pipeline", 2), leaves[1], (leaves[2],))]
+        produced = {("pipeline", 2): outputs[leaves[1]].detach()} if comm.owns(leaves[1]) else {}
         for i in range(2, len(leaves)):
-            if i not in self.pipeline:
+            if i not in self._pipeline_labels:
                 continue
-            hidden_states, labels = self.pipeline[i]
-            output = model.blocks[i](hidden_states)
+            labels = self._pipeline_labels[i]
+            if i + 1 < len(leaves):
+                next_labels[i + 1] = labels
+                routes.append(Route(("pipeline", i + 1), leaves[i], (leaves[i + 1],)))
+            # The buffered input exists when the step starts: a forward, an exit head and
+            # their backward, all off the critical path.
+            task = graph.add(f"chained forward {leaves[i]}")
+            task = graph.add(f"chained exit {leaves[i]}", [task])
+            graph.add(f"backward chained {leaves[i]}", [graph.add(f"backward chained exit {leaves[i]}", [task])])
+            if not comm.owns(leaves[i]):
+                continue
+            output = model.blocks[i](self.pipeline[i][0])
             last = i + 1 == len(leaves)
             exit_head = model.frozen_head if last and not self.chained_exit_trains_head else model.exit_head(i + 1)
             chained_exit = objective.task_loss(exit_head(output), labels)
@@ -295,13 +432,14 @@ class ReferenceEngine:
             parts["chained_exit"] = chained_exit
             parts["total"] = parts["total"] + self.chained_exit_weight * chained_exit
             if i + 1 < len(leaves):
-                next_pipeline[i + 1] = (output.detach(), labels)
-            # The buffered input exists when the step starts: a forward, an exit head and
-            # their backward, all off the critical path.
-            task = graph.add(f"chained forward {leaves[i]}")
-            task = graph.add(f"chained exit {leaves[i]}", [task])
-            graph.add(f"backward chained {leaves[i]}", [graph.add(f"backward chained exit {leaves[i]}", [task])])
-        self.pipeline = next_pipeline
+                produced[("pipeline", i + 1)] = output.detach()
+        received = comm.exchange(produced, routes)
+        self.pipeline = {
+            i: (received[("pipeline", i)], labels)
+            for i, labels in next_labels.items()
+            if comm.owns(leaves[i]) and ("pipeline", i) in received
+        }
+        self._pipeline_labels = next_labels
 
 
 class BackpropEngine:

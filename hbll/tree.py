@@ -110,6 +110,13 @@ class Tree:
     def parent(self, node: Node) -> Node | None:
         return self._parent.get(node)
 
+    def left_spine(self, node: Node) -> list[Node]:
+        """Return ``node`` and its left descendants down to the leaf: the nodes that start where it starts."""
+        spine = [node]
+        while not spine[-1].is_leaf:
+            spine.append(self.children(spine[-1])[0])
+        return spine
+
     def node(self, start: int, end: int) -> Node:
         """Return the node with span ``[start, end)``."""
         try:
