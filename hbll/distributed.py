@@ -374,11 +374,31 @@ class TreeParallel:
         mesh = self.mesh
         return (
             f"HBLL tree-parallel: {mesh.world_size} ranks = {mesh.tree_groups} tree groups × "
-            f"{mesh.replicas} replicas\n" + describe_placement(self.model, self.placement)
+            f"{mesh.replicas} {'replica' if mesh.replicas == 1 else 'replicas'}\n" + describe_placement(self.model, self.placement)
         )
 
     def owned_nodes(self) -> list[Node]:
         return [node for node in self.model.tree.nodes if self.comm.owns(node)]
+
+    @torch.no_grad()
+    def total_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The step's loss over the whole tree, averaged over replicas (for logging)."""
+        total = loss.detach().clone()
+        _collective("summing the step's loss", lambda: dist.all_reduce(total))
+        return total / self.mesh.replicas
+
+    def gather_node_losses(self, node_losses: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+        """Collect the per-node loss parts of the whole tree group (for logging)."""
+        gathered: list[Optional[dict]] = [None] * self.mesh.tree_groups
+        local = {name: {part: value.cpu() for part, value in parts.items()} for name, parts in node_losses.items()}
+        _collective(
+            "gathering node losses", lambda: dist.all_gather_object(gathered, local, group=self.mesh.tree_group)
+        )
+        merged = {}
+        for rank_losses in gathered:
+            for name, parts in rank_losses.items():
+                merged[name] = {part: value.to(self.device) for part, value in parts.items()}
+        return merged
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:

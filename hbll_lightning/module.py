@@ -10,7 +10,8 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics import MeanMetric
 
-from hbll.engine import BackpropEngine, ReferenceEngine, StepResult, build_engine
+from hbll.distributed import TreeParallel
+from hbll.engine import BackpropEngine, NodeComm, ReferenceEngine, StepResult, build_engine
 from hbll.model import ExitHeadPolicy, HBLLModel
 from hbll.networks import NetworkSpec, Task
 from hbll.objectives import ObjectiveConfig
@@ -165,8 +166,12 @@ class HBLLModule(LightningModule):
         """Train an ``HBLLModel`` you already built; its σ settings and exit heads are kept."""
         return cls(PrebuiltModel(model, task), **kwargs)
 
-    def build_engine(self) -> ReferenceEngine | BackpropEngine:
-        """Return the single-process engine for this module's method and objective."""
+    def build_engine(self, comm: Optional[NodeComm] = None) -> ReferenceEngine | BackpropEngine:
+        """Return the engine for this module's method and objective.
+
+        ``comm`` places the nodes on processes (see ``hbll.distributed``); by default all
+        of them are in this one.
+        """
         hp = self.hparams
         return build_engine(
             self.method,
@@ -176,6 +181,7 @@ class HBLLModule(LightningModule):
             chain_length=hp.chain_length,
             chained_exit_weight=hp.chained_exit_weight,
             chained_exit_trains_head=hp.chained_exit_trains_head,
+            comm=comm,
         )
 
     def forward(self, x: torch.Tensor, depth: Optional[int] = None) -> torch.Tensor:
@@ -186,12 +192,21 @@ class HBLLModule(LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.run_engine_step(self.engine, batch)
 
-    def run_engine_step(self, engine: ReferenceEngine | BackpropEngine, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Compute one step's loss with ``engine`` and log it; the caller runs backward."""
+    def run_engine_step(
+        self,
+        engine: ReferenceEngine | BackpropEngine,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        parallel: Optional[TreeParallel] = None,
+    ) -> torch.Tensor:
+        """Compute one step's loss with ``engine`` and log it; the caller runs backward.
+
+        With ``parallel``, the returned loss covers this rank's nodes, and the logged loss
+        and node losses are those of the whole tree.
+        """
         x, y = batch
         result = engine.compute_losses(self.model, x, y, self.training_progress())
         self.last_critical_path = result.critical_path
-        self._log_step(result, batch_size=x.shape[0])
+        self._log_step(result, x.shape[0], parallel)
         return result.loss
 
     def training_progress(self) -> float:
@@ -207,16 +222,18 @@ class HBLLModule(LightningModule):
             return 1.0
         return min(self.global_step / (total - 1), 1.0)
 
-    def _log_step(self, result: StepResult, batch_size: int) -> None:
-        self.log("train/loss", result.loss.detach(), prog_bar=True, batch_size=batch_size)
+    def _log_step(self, result: StepResult, batch_size: int, parallel: Optional[TreeParallel]) -> None:
+        loss = parallel.total_loss(result.loss) if parallel is not None else result.loss.detach()
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/critical_path", float(result.critical_path), batch_size=batch_size)
         # Per-node values are many scalars, so they go out only on logging steps.
         log_every = self.trainer.log_every_n_steps if self._trainer is not None else 1
         if self.global_step % max(log_every, 1):
             return
+        node_losses = parallel.gather_node_losses(result.node_losses) if parallel is not None else result.node_losses
         node_values = {
             f"train/node/{name}/{part}": value
-            for name, parts in result.node_losses.items()
+            for name, parts in node_losses.items()
             for part, value in parts.items()
         }
         self.log_dict(node_values, batch_size=batch_size)

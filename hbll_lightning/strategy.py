@@ -1,78 +1,231 @@
 """``HBLLStrategy``: the Lightning strategy that owns the HBLL training step.
 
 ``import hbll_lightning`` registers it under the name ``"hbll"``, so
-``Trainer(strategy="hbll")`` selects it. The strategy, not the LightningModule, picks the
-engine that executes a step, so that multi-process engines can replace the single-process
-one without changes to the user's module.
+``Trainer(strategy="hbll")`` selects it; ``"hbll_spawn"`` starts its processes with
+``spawn``. The strategy, not the LightningModule, picks the engine that executes a step,
+so one module trains in one process or tree-parallel across many.
+
+With one process it runs the reference engine on one device. With ``devices=P`` (times
+``num_nodes``) it starts P processes through Lightning's launchers, or joins the
+processes that ``torchrun`` or ``accelerate launch`` started, and trains one HBLL model
+across them (see ``hbll.distributed``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import logging
+import os
+from datetime import timedelta
+from typing import Any, Callable, Literal, Optional
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
-from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_info
 
+from hbll.distributed import Placement, TreeParallel
 from hbll.engine import BackpropEngine, ReferenceEngine
 
-__all__ = ["HBLLStrategy"]
+__all__ = ["HBLLStrategy", "AtomicCheckpointIO"]
+
+log = logging.getLogger(__name__)
 
 
-class HBLLStrategy(SingleDeviceStrategy):
-    """Run HBLL training steps with an HBLL engine on one device.
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write a checkpoint to a temporary file and rename it, so no partial file is left behind."""
 
-    The device is the first of the trainer's devices (``cuda:0`` for ``accelerator="gpu"``)
-    unless ``device`` is given.
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        path = str(path)
+        if "://" in path and not path.startswith("file://"):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = path.removeprefix("file://")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        partial = f"{path}.partial-{os.getpid()}"
+        try:
+            torch.save(checkpoint, partial)
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+
+
+class HBLLStrategy(DDPStrategy):
+    """Run HBLL training steps in one process or tree-parallel across several.
+
+    Args:
+        tree_groups: with P processes, the ranks that share one tree's nodes; P divided by
+            it gives the data-parallel replicas. ``None`` splits the tree over all P.
+            Backprop runs ignore it and train as plain data parallelism.
+        placement: which tree rank owns each node: ``"balanced"`` (the default), a
+            mapping from nodes, spans or node names to tree ranks, or a callable (see
+            ``hbll.distributed.resolve_placement``).
+        timeout: the process group's timeout. When a rank fails, the others stop with an
+            error once a collective has waited this long.
+        start_method: ``"popen"`` runs the script again for each extra process;
+            ``"spawn"`` suits notebooks and pytest.
+        process_group_backend: ``"gloo"`` on CPU and ``"nccl"`` on GPU unless given.
+        device: the device of a one-process run, instead of the first of the trainer's
+            devices.
     """
 
     strategy_name = "hbll"
 
-    def __init__(self, device: Optional[str | torch.device] = None, **kwargs: Any) -> None:
-        super().__init__(device=device or "cpu", **kwargs)
-        self._device_given = device is not None
+    def __init__(
+        self,
+        tree_groups: Optional[int] = None,
+        placement: Placement = "balanced",
+        timeout: Optional[timedelta] = timedelta(minutes=30),
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        process_group_backend: Optional[str] = None,
+        device: Optional[str | torch.device] = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("checkpoint_io", AtomicCheckpointIO())
+        super().__init__(timeout=timeout, start_method=start_method, process_group_backend=process_group_backend, **kwargs)
+        self.tree_groups = tree_groups
+        self.placement = placement
+        self._device = torch.device(device) if device is not None else None
         self.engine: Optional[ReferenceEngine | BackpropEngine] = None
-        # The trainer's accelerator connector fills these two from the `devices` and
-        # `num_nodes` flags, because the attributes exist.
-        self.parallel_devices: Optional[list[torch.device]] = None
-        self.num_nodes = 1
+        self.parallel: Optional[TreeParallel] = None
+        self._layouts: list[list[list[torch.nn.Parameter]]] = []
 
     @property
     def root_device(self) -> torch.device:
-        if not self._device_given and self.parallel_devices:
-            return self.parallel_devices[0]
-        return self._root_device
+        if self._device is not None:
+            return self._device
+        if not self.parallel_devices:
+            return torch.device("cpu")
+        return super().root_device
+
+    @property
+    def is_multiprocess(self) -> bool:
+        return self.num_nodes * self.num_processes > 1
+
+    def _configure_launcher(self) -> None:
+        if self.is_multiprocess:
+            super()._configure_launcher()
+
+    def setup_distributed(self) -> None:
+        if self.is_multiprocess:
+            super().setup_distributed()
+        else:
+            self.set_world_ranks()
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # The ranks of one tree group train on the same batch; replicas split the data.
+        if self.parallel is None:
+            return super().distributed_sampler_kwargs
+        return {"num_replicas": self.parallel.mesh.replicas, "rank": self.parallel.mesh.replica}
 
     def setup(self, trainer: Trainer) -> None:
-        num_devices = len(self.parallel_devices or [self.root_device])
-        if num_devices > 1 or self.num_nodes > 1:
-            raise ValueError(
-                f"strategy='hbll' trains on one device, got devices={num_devices} and "
-                f"num_nodes={self.num_nodes}; set devices=1 and num_nodes=1"
-            )
         module = self.lightning_module
-        build = getattr(module, "build_engine", None)
-        if build is None or not hasattr(module, "run_engine_step"):
+        if not (hasattr(module, "build_engine") and hasattr(module, "run_engine_step")):
             raise TypeError(
                 f"strategy='hbll' trains an hbll_lightning.HBLLModule, got {type(module).__name__}; "
                 "wrap your network with HBLLModule(network=...) or HBLLModule.from_modules(stem, blocks, head)"
             )
-        self.engine = build()
+        if self.is_multiprocess:
+            super().setup(trainer)
+            return
+        # One process: no process group, and the plain strategy setup.
+        self.engine = module.build_engine()
         rank_zero_info(
             f"HBLLStrategy: {self.engine.name} engine on {self.root_device}, "
             f"{module.model.num_blocks} blocks, tree depth {module.model.depth}"
         )
-        super().setup(trainer)
+        Strategy.setup(self, trainer)
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        # No DistributedDataParallel wrapper: the engine and TreeParallel decide what
+        # crosses ranks.
+        return model
+
+    def configure_ddp(self) -> None:
+        # Called while fitting with several processes, after the model moved to its
+        # device and before the optimizers exist.
+        module = self.lightning_module
+        tree_groups = 1 if module.method == "backprop" else self.tree_groups
+        self.parallel = TreeParallel(module.model, tree_groups, self.placement, device=self.root_device)
+        self.engine = module.build_engine(comm=self.parallel.comm)
+        rank_zero_info(f"HBLLStrategy: {self.engine.name} engine\n{self.parallel.describe()}")
+        mesh = self.parallel.mesh
+        log.debug(
+            f"rank {mesh.rank} (tree rank {mesh.tree_rank}, replica {mesh.replica}) owns nodes "
+            + " ".join(str(node) for node in self.parallel.owned_nodes())
+        )
+
+    def setup_optimizers(self, trainer: Trainer) -> None:
+        super().setup_optimizers(trainer)
+        if self.parallel is not None:
+            self._layouts = [self.parallel.restrict_optimizer(optimizer) for optimizer in self.optimizers]
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         batch = args[0] if args else kwargs["batch"]
         with self.precision_plugin.train_step_context():
-            return self.lightning_module.run_engine_step(self.engine, batch)
+            return self.lightning_module.run_engine_step(self.engine, batch, parallel=self.parallel)
+
+    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        if self.parallel is None:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+        def closure_with_reduced_gradients() -> Any:
+            # After the last backward of the step, so accumulated gradients reduce once,
+            # and before gradient clipping, so clipping sees the same values as one process.
+            result = closure()
+            self.parallel.reduce_gradients()
+            return result
+
+        return super().optimizer_step(optimizer, closure_with_reduced_gradients, model, **kwargs)
+
+    # Full model at evaluation, checkpoints and the end of training -------------------------
+
+    def _sync(self) -> None:
+        if self.parallel is not None:
+            self.parallel.sync_parameters()
+
+    def on_validation_start(self) -> None:
+        self._sync()
+
+    def on_test_start(self) -> None:
+        self._sync()
+
+    def on_predict_start(self) -> None:
+        self._sync()
+
+    def on_train_end(self) -> None:
+        self._sync()
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        self._sync()
+        return super().lightning_module_state_dict()
+
+    def optimizer_state(self, optimizer: Any) -> dict:
+        if self.parallel is None:
+            return super().optimizer_state(optimizer)
+        layout = self._layouts[self.optimizers.index(optimizer)]
+        return self.parallel.gather_optimizer_state(optimizer, layout)
+
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        if self.parallel is None:
+            return super().load_optimizer_state_dict(checkpoint)
+        for optimizer, layout, state in zip(self.optimizers, self._layouts, checkpoint["optimizer_states"]):
+            optimizer.load_state_dict(self.parallel.local_optimizer_state(state, optimizer, layout))
+
+    def teardown(self) -> None:
+        self.parallel = None
+        super().teardown()
 
 
 StrategyRegistry.register(
     HBLLStrategy.strategy_name,
     HBLLStrategy,
     description="Hierarchical Block-Local Learning: each tree node trains on its local objective",
+)
+StrategyRegistry.register(
+    "hbll_spawn",
+    HBLLStrategy,
+    description="Hierarchical Block-Local Learning, processes started with spawn",
+    start_method="spawn",
 )

@@ -105,13 +105,6 @@ def test_strategy_rejects_plain_lightning_module(tmp_path):
         _trainer(tmp_path).fit(Plain(), train)
 
 
-def test_strategy_rejects_several_devices(tmp_path):
-    train, _ = _loaders()
-    trainer = _trainer(tmp_path, devices=2)
-    with pytest.raises(ValueError, match="got devices=2 and num_nodes=1; set devices=1"):
-        trainer.fit(_module(), train)
-
-
 def test_module_unknown_method_raises():
     with pytest.raises(ValueError, match="method must be 'hbll' or 'backprop', got 'dgl'"):
         _module(method="dgl")

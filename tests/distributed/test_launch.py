@@ -1,0 +1,130 @@
+"""Multi-process Lightning runs: every launch path, checkpoints, resuming and failures.
+
+Each test starts real gloo processes on 127.0.0.1: through the strategy's spawn launcher,
+its default launcher (the script runs again per rank), ``torchrun`` and
+``accelerate launch``. All of them must train the same parameters as one process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed.train_script import build_module, loader, make_trainer
+from tests.distributed.workers import free_port
+
+pytestmark = pytest.mark.multiprocess
+
+SCRIPT = Path(__file__).with_name("train_script.py")
+REPO = SCRIPT.parents[2]
+
+
+def _parameters(module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.model.named_parameters()}
+
+
+def _assert_same(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict[str, torch.Tensor]:
+    module = build_module()
+    make_trainer(str(tmp_path_factory.mktemp("one")), devices=1).fit(module, loader())
+    return _parameters(module)
+
+
+def _run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_strategy_flag_with_spawn_matches_one_process(one_process, tmp_path):
+    module = build_module()
+    make_trainer(str(tmp_path), devices=2, start_method="spawn").fit(module, loader())
+    _assert_same(_parameters(module), one_process)
+
+
+def test_hybrid_mesh_matches_one_process_on_the_joint_batch(tmp_path):
+    # 4 ranks = 2 tree groups × 2 replicas, each replica on batches of 8: together the
+    # batches of 16 that one process trains on.
+    module = build_module()
+    make_trainer(str(tmp_path / "mesh"), devices=4, tree_groups=2, start_method="spawn").fit(module, loader(8, 40))
+    reference = build_module()
+    make_trainer(str(tmp_path / "one"), devices=1).fit(reference, loader(16, 20))
+    _assert_same(_parameters(module), _parameters(reference))
+
+
+@pytest.mark.parametrize("launcher", ["script", "torchrun", "accelerate"])
+def test_launch_paths_match_one_process(launcher, one_process, tmp_path):
+    out = tmp_path / "parameters.pt"
+    port = str(free_port())
+    commands = {
+        "script": [sys.executable, str(SCRIPT), str(out)],
+        "torchrun": [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", port, str(SCRIPT), str(out),
+        ],
+        "accelerate": [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_ip", "127.0.0.1", "--main_process_port", port, str(SCRIPT), str(out),
+        ],
+    }
+    result = _run(commands[launcher])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 ranks = 2 tree groups × 1 replica" in result.stdout + result.stderr
+    _assert_same(torch.load(out), one_process)
+
+
+def test_checkpoint_holds_the_full_model_and_optimizer(one_process, tmp_path):
+    module = build_module()
+    make_trainer(str(tmp_path), devices=2, start_method="spawn").fit(module, loader())
+    checkpoint = torch.load(tmp_path / "checkpoints" / "epoch=0-step=20.ckpt", weights_only=False)
+    state = {name.removeprefix("model."): value for name, value in checkpoint["state_dict"].items()}
+    _assert_same({name: state[name] for name in one_process}, one_process)
+    optimizer = checkpoint["optimizer_states"][0]
+    num_parameters = sum(len(group["params"]) for group in optimizer["param_groups"])
+    assert num_parameters == len(list(module.parameters()))
+    # Every trained parameter has its AdamW moments, whichever rank owned it.
+    assert len(optimizer["state"]) == num_parameters
+    assert not list((tmp_path / "checkpoints").glob("*partial*"))
+
+
+@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
+def test_resume_on_a_different_number_of_processes(first, second, tmp_path):
+    # The chained-exit buffer is not part of a checkpoint; without it a resumed run
+    # continues exactly.
+    reference = build_module(chained_exit_weight=0.0)
+    make_trainer(str(tmp_path / "reference"), devices=1, max_steps=20).fit(reference, loader(16, 10))
+
+    start = build_module(chained_exit_weight=0.0)
+    make_trainer(str(tmp_path / "first"), devices=first, start_method="spawn", max_steps=10).fit(start, loader(16, 10))
+    checkpoint = tmp_path / "first" / "checkpoints" / "epoch=0-step=10.ckpt"
+    resumed = build_module(chained_exit_weight=0.0)
+    trainer = make_trainer(str(tmp_path / "second"), devices=second, start_method="spawn", max_steps=20)
+    trainer.fit(resumed, loader(16, 10), ckpt_path=str(checkpoint))
+    _assert_same(_parameters(resumed), _parameters(reference))
+
+
+def test_failing_rank_stops_the_run_with_a_clear_error(tmp_path):
+    out = tmp_path / "parameters.pt"
+    started = time.monotonic()
+    result = _run([sys.executable, str(SCRIPT), str(out), "--fail-rank", "1", "--timeout", "20"], timeout=240)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 200
+    assert "injected failure on rank 1 at step 3" in result.stderr
+    assert "another rank raised, died or timed out" in result.stderr
+    assert not out.exists()
+    checkpoints = sorted((tmp_path / "checkpoints").iterdir())
+    assert not [path for path in checkpoints if "partial" in path.name]
+    for path in checkpoints:
+        torch.load(path, weights_only=False)
