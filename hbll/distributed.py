@@ -17,8 +17,8 @@ In one step:
   tree group and averaged over the replicas.
 
 Every rank keeps a full copy of the model. The parameters of nodes a rank does not own go
-stale during training; ``sync_parameters`` copies them from their owners, which the
-Lightning strategy does before evaluation, checkpoints and the end of training.
+stale during training. ``sync_parameters`` copies them from their owners, and the Lightning
+strategy calls it before evaluation, checkpoints and the end of training.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 Placement = Union[str, Mapping[Union[str, Node, tuple], int], Callable[[HBLLModel, int], Mapping[Node, int]]]
 
-# dtype codes for the per-step header that tells every rank the shape of hidden_states.
+# dtype codes for the per-step header that sends every rank the shape of hidden_states.
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
@@ -87,7 +87,7 @@ class TreeMesh:
                 self.data_group = group
 
     def global_rank(self, tree_rank: int) -> int:
-        """The global rank at tree position ``tree_rank`` of this rank's replica."""
+        """Return the global rank at tree position ``tree_rank`` of this rank's replica."""
         return self.tree_group_ranks[tree_rank]
 
     def __repr__(self) -> str:
@@ -117,7 +117,7 @@ def check_mesh(world_size: int, tree_groups: int, num_nodes: Optional[int] = Non
 
 
 def node_cost(model: HBLLModel, node: Node) -> int:
-    """The compute proxy of a node: the parameter count of its module."""
+    """Return the compute proxy of a node: the parameter count of its module."""
     return sum(p.numel() for p in model.node_module(node).parameters())
 
 
@@ -136,7 +136,7 @@ def balanced_placement(model: HBLLModel, tree_groups: int) -> dict[Node, int]:
     """Split the nodes into ``tree_groups`` contiguous runs of the tree's preorder.
 
     Preorder lists a node, then its left subtree, then its right subtree, so a contiguous
-    run holds whole subtrees: a node's message and its consistency partner mostly stay on
+    run contains whole subtrees: a node's message and its consistency partner mostly stay on
     its rank. The split minimises the largest sum of ``node_cost`` over a rank.
     """
     order = preorder(model.tree)
@@ -212,7 +212,7 @@ def resolve_placement(placement: Placement, model: HBLLModel, tree_groups: int) 
 
 
 def describe_placement(model: HBLLModel, placement: Mapping[Node, int]) -> str:
-    """One line per tree rank: its nodes, their cost, and the messages that leave it."""
+    """Describe the placement: one line per tree rank with its nodes and cost, then the crossing edges."""
     lines = []
     tree = model.tree
     for rank in sorted(set(placement.values())):
@@ -238,7 +238,7 @@ class TreeComm:
 
     An exchange packs the tensors this rank produces for other ranks into one flat buffer,
     and one ``all_gather`` inside the tree group delivers every rank's buffer. Rounds in
-    which no tensor changes rank skip the collective; every rank knows this from the
+    which no tensor changes rank skip the collective; every rank derives this from the
     routes, so all ranks skip the same rounds.
     """
 
@@ -254,7 +254,7 @@ class TreeComm:
         return self.placement[node] == self.mesh.tree_rank
 
     def begin_step(self, hidden_states: Optional[torch.Tensor]) -> None:
-        # The root's owner runs the stem; it tells the other ranks the shape and dtype of
+        # The root's owner runs the stem and sends the other ranks the shape and dtype of
         # hidden_states, so they can size the buffers of this step's exchanges.
         header = torch.zeros(10, dtype=torch.long, device=self.device)
         if self.mesh.tree_rank == self.root_owner:
@@ -279,11 +279,12 @@ class TreeComm:
             for route in routes
             if any(self.placement[c] != self.placement[route.producer] for c in route.consumers)
         ]
-        result = {key: value for key, value in produced.items()}
+        result = dict(produced)
         if not crossing:
             return result
+
         hidden_numel = self._shape.numel()
-        # The buffer dtype holds every float dtype exactly, so values arrive bit for bit.
+        # The buffer dtype represents every float dtype exactly, so values arrive bit for bit.
         buffer_dtype = torch.promote_types(self._dtype, torch.float32)
         sizes = [0] * self.mesh.tree_groups
         offsets = {}
@@ -292,6 +293,7 @@ class TreeComm:
             numel = 1 if route.scalar else hidden_numel
             offsets[route.key] = (owner, sizes[owner], numel)
             sizes[owner] += numel
+
         send = torch.zeros(max(sizes), dtype=buffer_dtype, device=self.device)
         for route in crossing:
             owner, offset, numel = offsets[route.key]
@@ -299,6 +301,7 @@ class TreeComm:
                 send[offset : offset + numel] = produced[route.key].reshape(-1).to(buffer_dtype)
         gathered = [torch.empty_like(send) for _ in range(self.mesh.tree_groups)]
         _collective("a message exchange", lambda: dist.all_gather(gathered, send, group=self.mesh.tree_group))
+
         for route in crossing:
             owner, offset, numel = offsets[route.key]
             if owner != me and any(self.placement[c] == me for c in route.consumers):
@@ -349,8 +352,8 @@ class TreeParallel:
         self.device = device or next(model.parameters()).device
         self.comm = TreeComm(self.mesh, self.placement, self.device)
 
-        # Parameters read by nodes on one tree rank belong to that rank; the rest (stem,
-        # head, exit heads, anything two ranks' nodes share) are shared by the tree group.
+        # Parameters read by nodes on one tree rank belong to that rank. The rest (stem,
+        # head, exit heads, anything two ranks' nodes share) belong to the whole tree group.
         users: dict[int, set[int]] = {}
         for node in model.tree.nodes:
             for param in self.node_parameters(node):
@@ -367,7 +370,7 @@ class TreeParallel:
         return params
 
     def trains(self, param: nn.Parameter) -> bool:
-        """Whether this rank's optimizer steps ``param``: its own nodes' and the shared ones."""
+        """Return whether this rank's optimizer steps ``param``: its own nodes' and the shared ones."""
         return self.owner.get(id(param), self.mesh.tree_rank) == self.mesh.tree_rank
 
     def describe(self) -> str:
@@ -382,7 +385,7 @@ class TreeParallel:
 
     @torch.no_grad()
     def total_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """The step's loss over the whole tree, averaged over replicas (for logging)."""
+        """Return the step's loss over the whole tree, averaged over replicas (for logging)."""
         total = loss.detach().clone()
         _collective("summing the step's loss", lambda: dist.all_reduce(total))
         return total / self.mesh.replicas

@@ -283,13 +283,14 @@ class HBLLModule(LightningModule):
             self.eval_accuracy[depth].update((logits.argmax(-1) == y).float().mean(), weight)
 
     def _log_depth_metrics(self, stage: str) -> None:
+        # compute() already averages over processes, so the values go out as plain floats.
         for depth in range(self.model.depth + 1):
-            loss = self.eval_loss[depth].compute()
+            loss = float(self.eval_loss[depth].compute())
             metrics = {f"{stage}/depth{depth}/loss": loss}
             if self.task == "language_modeling":
-                metrics[f"{stage}/depth{depth}/perplexity"] = torch.exp(loss)
+                metrics[f"{stage}/depth{depth}/perplexity"] = math.exp(loss)
             else:
-                metrics[f"{stage}/depth{depth}/accuracy"] = self.eval_accuracy[depth].compute()
+                metrics[f"{stage}/depth{depth}/accuracy"] = float(self.eval_accuracy[depth].compute())
             self.log_dict(metrics, prog_bar=depth == self.model.depth)
             self.eval_loss[depth].reset()
             self.eval_accuracy[depth].reset()

@@ -172,7 +172,7 @@ class HBLLStrategy(DDPStrategy):
 
         def closure_with_reduced_gradients() -> Any:
             # After the last backward of the step, so accumulated gradients reduce once,
-            # and before gradient clipping, so clipping sees the same values as one process.
+            # and before gradient clipping, so clipping gets the same values as in one process.
             result = closure()
             self.parallel.reduce_gradients()
             return result

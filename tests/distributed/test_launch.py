@@ -35,11 +35,21 @@ def _assert_same(got: dict, expected: dict) -> None:
         torch.testing.assert_close(got[name], value, rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def _depth_metrics(trainer) -> dict[str, float]:
+    return {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/depth")}
+
+
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory) -> dict[str, torch.Tensor]:
+def one_process_run(tmp_path_factory) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     module = build_module()
-    make_trainer(str(tmp_path_factory.mktemp("one")), devices=1).fit(module, loader())
-    return _parameters(module)
+    trainer = make_trainer(str(tmp_path_factory.mktemp("one")), devices=1)
+    trainer.fit(module, loader(), loader(32, 4))
+    return _parameters(module), _depth_metrics(trainer)
+
+
+@pytest.fixture
+def one_process(one_process_run) -> dict[str, torch.Tensor]:
+    return one_process_run[0]
 
 
 def _run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -47,10 +57,18 @@ def _run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_strategy_flag_with_spawn_matches_one_process(one_process, tmp_path):
+def test_strategy_flag_with_spawn_matches_one_process(one_process_run, tmp_path):
+    parameters, metrics = one_process_run
     module = build_module()
-    make_trainer(str(tmp_path), devices=2, start_method="spawn").fit(module, loader())
-    _assert_same(_parameters(module), one_process)
+    trainer = make_trainer(str(tmp_path), devices=2, start_method="spawn")
+    trainer.fit(module, loader(), loader(32, 4))
+    _assert_same(_parameters(module), parameters)
+    # Validation ran every level cut on the gathered model.
+    got = _depth_metrics(trainer)
+    assert sorted(got) == sorted(metrics)
+    assert len(metrics) == 2 * (module.model.depth + 1)
+    for key, value in metrics.items():
+        assert got[key] == pytest.approx(value, abs=1e-5), key
 
 
 def test_hybrid_mesh_matches_one_process_on_the_joint_batch(tmp_path):
