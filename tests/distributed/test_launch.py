@@ -71,12 +71,17 @@ def test_strategy_flag_with_spawn_matches_one_process(one_process_run, tmp_path)
         assert got[key] == pytest.approx(value, abs=1e-5), key
 
 
-def test_hybrid_mesh_matches_one_process_on_the_joint_batch(tmp_path):
-    # 4 ranks = 2 tree groups × 2 replicas, each replica on batches of 8: together the
-    # batches of 16 that one process trains on.
-    module = build_module()
-    make_trainer(str(tmp_path / "mesh"), devices=4, tree_groups=2, start_method="spawn").fit(module, loader(8, 40))
-    reference = build_module()
+@pytest.mark.parametrize(
+    "method,devices,tree_groups", [("hbll", 4, 2), ("backprop", 2, None)], ids=["hbll-2x2-mesh", "backprop-data-parallel"]
+)
+def test_replicas_match_one_process_on_the_joint_batch(method, devices, tree_groups, tmp_path):
+    # Each replica trains on batches of 8; together they form the batches of 16 that one
+    # process trains on. Backprop runs as plain data parallelism over all ranks.
+    replicas = devices // (tree_groups or 1) if method == "hbll" else devices
+    module = build_module(method=method)
+    trainer = make_trainer(str(tmp_path / "mesh"), devices=devices, tree_groups=tree_groups, start_method="spawn")
+    trainer.fit(module, loader(16 // replicas, 20 * replicas))
+    reference = build_module(method=method)
     make_trainer(str(tmp_path / "one"), devices=1).fit(reference, loader(16, 20))
     _assert_same(_parameters(module), _parameters(reference))
 

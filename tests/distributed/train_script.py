@@ -27,12 +27,12 @@ from tests.conftest import TinyBlock  # noqa: E402
 STEPS = 20
 
 
-def build_module(chained_exit_weight: float = 3.0) -> HBLLModule:
+def build_module(chained_exit_weight: float = 3.0, method: str = "hbll") -> HBLLModule:
     torch.manual_seed(0)
     blocks = [TinyBlock(8) for _ in range(8)]
     return HBLLModule.from_modules(
         nn.Linear(5, 8), blocks, nn.Linear(8, 3), lr=1e-2, exit_heads="local",
-        chained_exit_weight=chained_exit_weight, lr_schedule="constant",
+        chained_exit_weight=chained_exit_weight, lr_schedule="constant", method=method,
     )
 
 

@@ -141,9 +141,9 @@ def test_strategy_drives_schedules_and_level_rates(tmp_path):
     seen = []
     original = module.run_engine_step
 
-    def record(engine, batch):
+    def record(engine, batch, parallel=None):
         seen.append((module.training_progress(), engine.objective.at(module.training_progress()).consistency_weight))
-        loss = original(engine, batch)
+        loss = original(engine, batch, parallel)
         seen[-1] += (module.last_critical_path,)
         return loss
 
