@@ -16,7 +16,7 @@ A variant is a JSON object of these keys (all optional):
   schedules ``consistency_weight_final`` and ``consistency_lambda_final``;
 - engine: ``consistency_sweeps``, ``sweeps_from``, ``chain_length``, ``chained_exit_weight``,
   ``chained_exit_trains_head``;
-- optimizer: ``lr`` and ``level_lr_scale``.
+- optimizer: ``lr`` (the peak of the one-cycle schedule, default 4e-3) and ``level_lr_scale``.
 
 Keys left out take the library defaults. ``--base`` contains keys shared by every variant.
 ``--results FILE`` appends every finished run to FILE as a JSON line, and
@@ -68,7 +68,7 @@ def train_variant(
     objective = ObjectiveConfig(**pick(variant, OBJECTIVE_KEYS))
     model = network.build_model(init_sigma=objective.init_sigma, learn_sigma=objective.learn_sigma)
     engine = build_engine(variant.get("method", "hbll"), objective, **pick(variant, ENGINE_KEYS))
-    lr = variant.get("lr", 2e-3)
+    lr = variant.get("lr", 4e-3)
     groups = level_param_groups(model, lr, variant.get("level_lr_scale", 1.0))
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
