@@ -67,7 +67,7 @@ def test_mesh_checks_name_the_numbers():
     check_mesh(4, 2, num_nodes=3)
 
 
-# Both halves of the leaf-input options run, so every kind of exchange happens: messages,
+# All leaf-input options are on, so every kind of exchange happens: messages,
 # sweeps, the chain, consistency peers and the pipelined chained activations.
 ALL_EXCHANGES = {"chained_exit_weight": 3.0, "consistency_sweeps": 1, "chain_length": 2}
 
