@@ -312,13 +312,13 @@ class TreeComm:
         return result
 
 
-def _collective(what: str, call: Callable[[], object]) -> None:
+def _collective(operation: str, call: Callable[[], object]) -> None:
     """Run a collective and turn a peer's failure or a timeout into a clear error."""
     try:
         call()
     except RuntimeError as error:
         raise RuntimeError(
-            f"rank {dist.get_rank()}: {what} failed, most likely because another rank raised, "
+            f"rank {dist.get_rank()}: {operation} failed, most likely because another rank raised, "
             f"died or timed out: {error}"
         ) from error
 
@@ -347,7 +347,6 @@ class TreeParallel:
     ) -> None:
         self.model = model
         self.mesh = TreeMesh(tree_groups)
-        check_mesh(self.mesh.world_size, self.mesh.tree_groups, len(model.tree.nodes))
         self.placement = resolve_placement(placement, model, self.mesh.tree_groups)
         self.device = device or next(model.parameters()).device
         self.comm = TreeComm(self.mesh, self.placement, self.device)
@@ -499,7 +498,7 @@ class TreeParallel:
         return {"state": state, "param_groups": groups}
 
 
-def _reduce(params: Sequence[nn.Parameter], replicas: int, group, what: str) -> None:
+def _reduce(params: Sequence[nn.Parameter], replicas: int, group, operation: str) -> None:
     # One all-reduce carries the gradients and, at the end, one "has a gradient" flag
     # per parameter.
     if not params:
@@ -508,7 +507,7 @@ def _reduce(params: Sequence[nn.Parameter], replicas: int, group, what: str) -> 
     flags = torch.tensor([p.grad is not None for p in params], dtype=dtype, device=params[0].device)
     grads = [(p.grad if p.grad is not None else torch.zeros_like(p, dtype=dtype)).reshape(-1) for p in params]
     flat = torch.cat([*grads, flags])
-    _collective(what, lambda: dist.all_reduce(flat, group=group))
+    _collective(operation, lambda: dist.all_reduce(flat, group=group))
     present = flat[-len(params) :].tolist()
     offset = 0
     for param, has_grad in zip(params, present):

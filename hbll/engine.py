@@ -44,7 +44,7 @@ class Route:
 
 
 class NodeComm(Protocol):
-    """Where the nodes of the tree live, and how tensors move between their owners.
+    """Placement of the tree's nodes on processes, and the transport of tensors between their owners.
 
     The reference engine runs the same code in one process and in many: it computes the
     nodes that ``owns`` accepts, and calls ``exchange`` at every point where one node's
@@ -53,7 +53,7 @@ class NodeComm(Protocol):
     """
 
     def owns(self, node: Node) -> bool:
-        """Whether this process computes ``node``."""
+        """Return whether this process computes ``node``."""
         ...
 
     def begin_step(self, hidden_states: Optional[torch.Tensor]) -> None:
@@ -177,7 +177,7 @@ class ReferenceEngine:
         self.chained_exit_trains_head = chained_exit_trains_head
         self.comm = comm or LocalComm()
         # pipeline[i]: a detached chained activation at boundary i and its labels, for the
-        # leaves this process owns; _pipeline_labels holds the labels of every boundary.
+        # leaves this process owns. _pipeline_labels contains the labels of every boundary.
         self.pipeline: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._pipeline_labels: dict[int, torch.Tensor] = {}
 
@@ -190,7 +190,7 @@ class ReferenceEngine:
         """Run one HBLL step on the batch ``(x, y)`` and return the summed local losses.
 
         ``progress`` is the fraction of training done, from 0 to 1. With a ``comm`` that
-        places nodes on several processes, the result holds the losses of this process's
+        places nodes on several processes, the result contains the losses of this process's
         nodes only, and its critical path is that of the whole step.
         """
         objective = self.objective.at(progress)

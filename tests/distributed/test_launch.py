@@ -138,7 +138,7 @@ def test_resume_on_a_different_number_of_processes(first, second, tmp_path):
     _assert_same(_parameters(resumed), _parameters(reference))
 
 
-def test_failing_rank_stops_the_run_with_a_clear_error(tmp_path):
+def test_failing_rank_stops_run(tmp_path):
     out = tmp_path / "parameters.pt"
     started = time.monotonic()
     result = _run([sys.executable, str(SCRIPT), str(out), "--fail-rank", "1", "--timeout", "20"], timeout=240)
