@@ -415,6 +415,31 @@ class TreeParallel:
             _reduce(self.owned_parameters, mesh.replicas, mesh.data_group, "the gradients of this rank's nodes")
 
     @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip the whole model's gradients by their joint norm, as one process would; return the norm.
+
+        Call it after ``reduce_gradients``. A rank holds the gradients of its own nodes and
+        identical copies of the shared ones, so the squares of the owned gradients are
+        summed over the tree group and the shared ones count once.
+        """
+
+        def squares(params: Sequence[nn.Parameter]) -> torch.Tensor:
+            total = torch.zeros((), dtype=torch.float32, device=self.device)
+            for param in params:
+                if param.grad is not None:
+                    total += param.grad.float().pow(2).sum()
+            return total
+
+        owned = squares(self.owned_parameters)
+        _collective("the gradient norm", lambda: dist.all_reduce(owned, group=self.mesh.tree_group))
+        norm = (owned + squares(self.shared_parameters)).sqrt()
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for param in (*self.owned_parameters, *self.shared_parameters):
+            if param.grad is not None:
+                param.grad.mul_(scale.to(param.grad.dtype))
+        return norm
+
+    @torch.no_grad()
     def sync_parameters(self) -> None:
         """Copy every node's parameters and buffers from its owner to the whole tree group.
 

@@ -8,7 +8,7 @@ plain PyTorch loop, the Lightning strategy and later distributed engines.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Hashable, Mapping, Optional, Protocol, Sequence
+from typing import Any, Hashable, Mapping, Optional, Protocol, Sequence
 
 import torch
 
@@ -177,22 +177,30 @@ class ReferenceEngine:
         self.chained_exit_trains_head = chained_exit_trains_head
         self.comm = comm or LocalComm()
         # pipeline[i]: a detached chained activation at boundary i and its labels, for the
-        # leaves this process owns. _pipeline_labels contains the labels of every boundary.
+        # leaves this process owns. _pipeline_labels and _pipeline_states contain the labels
+        # and the batch context of every boundary.
         self.pipeline: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._pipeline_labels: dict[int, torch.Tensor] = {}
+        self._pipeline_states: dict[int, Any] = {}
 
     def reset_pipeline(self) -> None:
         """Empty the buffer of pipelined chained activations, for example after loading weights."""
         self.pipeline = {}
         self._pipeline_labels = {}
+        self._pipeline_states = {}
 
-    def compute_losses(self, model: HBLLModel, x: torch.Tensor, y: torch.Tensor, progress: float = 1.0) -> StepResult:
+    def compute_losses(self, model: HBLLModel, x: Any, y: torch.Tensor, progress: float = 1.0) -> StepResult:
         """Run one HBLL step on the batch ``(x, y)`` and return the summed local losses.
 
         ``progress`` is the fraction of training done, from 0 to 1. With a ``comm`` that
         places nodes on several processes, the result contains the losses of this process's
-        nodes only, and its critical path is that of the whole step.
+        nodes only, and its critical path is that of the whole step. ``x`` is whatever the
+        stem takes, for example a mapping of ``input_ids`` and ``attention_mask``.
         """
+        with model.batch(x) as batch_state:
+            return self._compute_losses(model, x, y, progress, batch_state)
+
+    def _compute_losses(self, model: HBLLModel, x: Any, y: torch.Tensor, progress: float, batch_state: Any) -> StepResult:
         objective = self.objective.at(progress)
         sweeps = self.consistency_sweeps if progress >= self.sweeps_from else 0
         tree, comm = model.tree, self.comm
@@ -209,7 +217,7 @@ class ReferenceEngine:
         outputs, output_tasks = self._node_outputs(model, hidden_states, messages, message_tasks, graph)
         local_losses = self._local_losses(model, objective, outputs, output_tasks, messages, y, graph)
         if self.chained_exit_weight > 0:
-            self._add_chained_exits(model, objective, outputs, y, local_losses, graph)
+            self._add_chained_exits(model, objective, outputs, y, batch_state, local_losses, graph)
         node_losses = {
             node.name: {part: value.detach() for part, value in parts.items() if part != "total"}
             for node, parts in local_losses.items()
@@ -400,14 +408,16 @@ class ReferenceEngine:
         objective: ObjectiveConfig,
         outputs: dict[Node, torch.Tensor],
         y: torch.Tensor,
+        batch_state: Any,
         local_losses: dict[Node, dict[str, torch.Tensor]],
         graph: TaskGraph,
     ) -> None:
         leaves, comm = model.tree.leaves, self.comm
         if len(leaves) < 3:
             return
-        # Every process tracks the labels of every buffer, so only activations move.
-        next_labels = {2: y}
+        # Every process tracks the labels and the batch context of every buffer, so only
+        # activations move.
+        next_labels, next_states = {2: y}, {2: batch_state}
         routes = [Route(("pipeline", 2), leaves[1], (leaves[2],))]
         produced = {("pipeline", 2): outputs[leaves[1]].detach()} if comm.owns(leaves[1]) else {}
         for i in range(2, len(leaves)):
@@ -416,6 +426,7 @@ class ReferenceEngine:
             labels = self._pipeline_labels[i]
             if i + 1 < len(leaves):
                 next_labels[i + 1] = labels
+                next_states[i + 1] = self._pipeline_states[i]
                 routes.append(Route(("pipeline", i + 1), leaves[i], (leaves[i + 1],)))
             # The buffered input exists when the step starts: a forward, an exit head and
             # their backward, all off the critical path.
@@ -424,7 +435,8 @@ class ReferenceEngine:
             graph.add(f"backward chained {leaves[i]}", [graph.add(f"backward chained exit {leaves[i]}", [task])])
             if not comm.owns(leaves[i]):
                 continue
-            output = model.blocks[i](self.pipeline[i][0])
+            with model.batch_state(self._pipeline_states[i]):
+                output = model.blocks[i](self.pipeline[i][0])
             last = i + 1 == len(leaves)
             exit_head = model.frozen_head if last and not self.chained_exit_trains_head else model.exit_head(i + 1)
             chained_exit = objective.task_loss(exit_head(output), labels)
@@ -440,6 +452,7 @@ class ReferenceEngine:
             if comm.owns(leaves[i]) and ("pipeline", i) in received
         }
         self._pipeline_labels = next_labels
+        self._pipeline_states = next_states
 
 
 class BackpropEngine:
@@ -454,8 +467,12 @@ class BackpropEngine:
     def __init__(self, objective: Optional[ObjectiveConfig] = None) -> None:
         self.objective = objective or ObjectiveConfig()
 
-    def compute_losses(self, model: HBLLModel, x: torch.Tensor, y: torch.Tensor, progress: float = 1.0) -> StepResult:
+    def compute_losses(self, model: HBLLModel, x: Any, y: torch.Tensor, progress: float = 1.0) -> StepResult:
         """Run one backprop step; ``progress`` is accepted for a common interface and unused."""
+        with model.batch(x):
+            return self._compute_losses(model, x, y)
+
+    def _compute_losses(self, model: HBLLModel, x: Any, y: torch.Tensor) -> StepResult:
         graph = TaskGraph()
         forward_tasks = [graph.add("stem")]
         hidden_states = model.stem(x)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from typing import Callable, Iterable, Literal, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -19,10 +20,33 @@ __all__ = [
     "fresh_copy",
     "fresh_block_shortcut",
     "check_hidden_shape",
+    "BatchContext",
 ]
 
 ExitHeadPolicy = Literal["local", "shared"]
 ShortcutFactory = Callable[[Node, Sequence[nn.Module]], nn.Module]
+
+
+class BatchContext(Protocol):
+    """Per-batch inputs that blocks read besides ``hidden_states``.
+
+    Transformer layers need attention masks and position embeddings of the batch. A
+    model whose blocks read such inputs passes a ``BatchContext`` to ``HBLLModel``, and
+    its blocks read the active state from it. ``prepare`` computes the state from the
+    batch input ``x`` alone, so a process that does not run the stem can prepare it too.
+    """
+
+    def prepare(self, x: Any) -> Any:
+        """Return the state that the blocks read for the batch input ``x``."""
+        ...
+
+    @property
+    def state(self) -> Any:
+        """The active state."""
+        ...
+
+    @state.setter
+    def state(self, value: Any) -> None: ...
 
 
 def fresh_copy(module: nn.Module) -> nn.Module:
@@ -80,6 +104,8 @@ class HBLLModel(nn.Module):
             instance of ``head``.
         init_sigma: starting value of each internal node's σ.
         learn_sigma: whether σ is trained; if not, it stays at ``init_sigma``.
+        context: the per-batch inputs that blocks read besides ``hidden_states`` (see
+            ``BatchContext``); None for blocks that read ``hidden_states`` only.
 
     ``model(x)`` runs the full network, ``model(x, depth=ℓ)`` runs level cut ``C_ℓ`` and
     ``model(x, cut=[(0, 4), (4, 6), (6, 8)])`` runs any cut given as spans or nodes.
@@ -96,6 +122,7 @@ class HBLLModel(nn.Module):
         exit_head_factory: Optional[Callable[[int], nn.Module]] = None,
         init_sigma: float = 1.0,
         learn_sigma: bool = True,
+        context: Optional[BatchContext] = None,
     ) -> None:
         super().__init__()
         blocks = list(blocks)
@@ -107,6 +134,7 @@ class HBLLModel(nn.Module):
         self.exit_head_policy: ExitHeadPolicy = exit_heads
         self.init_sigma = init_sigma
         self.learn_sigma = learn_sigma
+        self.context = context
 
         self.stem = stem
         self.blocks = nn.ModuleList(blocks)
@@ -137,6 +165,30 @@ class HBLLModel(nn.Module):
     def depth(self) -> int:
         """Tree depth ``L = ceil(log2 N)``; valid level cuts are 0 … L."""
         return self.tree.depth
+
+    @contextlib.contextmanager
+    def batch(self, x: Any) -> Iterator[Any]:
+        """Make ``x``'s per-batch context active inside the block and yield its state.
+
+        Without a ``context`` this does nothing and yields None.
+        """
+        if self.context is None:
+            yield None
+            return
+        with self.batch_state(self.context.prepare(x)) as state:
+            yield state
+
+    @contextlib.contextmanager
+    def batch_state(self, state: Any) -> Iterator[Any]:
+        """Make a state from ``batch`` active inside the block, and restore the previous one after."""
+        if self.context is None:
+            yield state
+            return
+        previous, self.context.state = self.context.state, state
+        try:
+            yield state
+        finally:
+            self.context.state = previous
 
     def node_module(self, node: Node) -> nn.Module:
         """Return ``M_v``: the block of a leaf or the shortcut of an internal node."""
@@ -181,7 +233,8 @@ class HBLLModel(nn.Module):
         self, x: torch.Tensor, depth: Optional[int] = None, cut: Optional[CutLike] = None
     ) -> torch.Tensor:
         nodes = self.cut_nodes(depth, cut)
-        return self.head(self.run_nodes(self.stem(x), nodes))
+        with self.batch(x):
+            return self.head(self.run_nodes(self.stem(x), nodes))
 
     @torch.no_grad()
     def predict_anytime(self, x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,6 +246,11 @@ class HBLLModel(nn.Module):
         """
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        if self.context is not None:
+            raise NotImplementedError(
+                "predict_anytime runs a shrinking subset of the batch, which a model with a per-batch "
+                "context does not support; run model(x, depth=level) for each level instead"
+            )
         hidden_states = self.stem(x)
         logits = None
         stopped_at = torch.full((x.shape[0],), -1, dtype=torch.long, device=hidden_states.device)
