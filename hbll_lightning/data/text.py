@@ -156,7 +156,10 @@ def load_corpus(corpus: str, data_files: Sequence[str] | None = None) -> dataset
 def _tokenize(dataset: datasets.Dataset, tokenizer: GPT2TokenizerFast) -> list[list[int]]:
     def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
         # split_special_tokens keeps a literal "<|endoftext|>" in the text from becoming EOS.
-        return {"input_ids": tokenizer(batch["text"], split_special_tokens=True)["input_ids"]}
+        # verbose=False drops the warning about documents longer than the model's maximum
+        # length, because the token stream is cut into blocks afterwards.
+        encoded = tokenizer(batch["text"], split_special_tokens=True, verbose=False)
+        return {"input_ids": encoded["input_ids"]}
 
     # The result stays in memory and is never looked up in a cache, so a random
     # fingerprint is enough and spares datasets from hashing the tokenizer object.
@@ -171,8 +174,10 @@ def _tokenize(dataset: datasets.Dataset, tokenizer: GPT2TokenizerFast) -> list[l
     return list(tokenized["input_ids"])
 
 
-def _split_documents(num_documents: int, val_fraction: float, test_fraction: float) -> dict[str, list[int]]:
-    """Assign documents to splits with a fixed-seed permutation.
+def _split_documents(
+    num_documents: int, val_fraction: float, test_fraction: float, seed: int = _SPLIT_SEED
+) -> dict[str, list[int]]:
+    """Assign documents to splits with a permutation drawn from ``seed``.
 
     A split with a positive fraction gets at least one document.
     """
@@ -184,7 +189,7 @@ def _split_documents(num_documents: int, val_fraction: float, test_fraction: flo
             f"The corpus has {num_documents} documents, too few for val_fraction={val_fraction} and "
             f"test_fraction={test_fraction} to leave any for training. Use a larger corpus or smaller fractions."
         )
-    order = torch.randperm(num_documents, generator=torch.Generator().manual_seed(_SPLIT_SEED)).tolist()
+    order = torch.randperm(num_documents, generator=torch.Generator().manual_seed(seed)).tolist()
     return {
         "train": sorted(order[:num_train]),
         "val": sorted(order[num_train : num_train + num_val]),
@@ -192,12 +197,12 @@ def _split_documents(num_documents: int, val_fraction: float, test_fraction: flo
     }
 
 
-def _join_documents(documents: Sequence[list[int]]) -> torch.Tensor:
-    """Concatenate token lists into one int64 stream with EOS between consecutive documents."""
+def _join_documents(documents: Sequence[list[int]], eos_id: int = EOS_ID) -> torch.Tensor:
+    """Concatenate token lists into one int64 stream with ``eos_id`` between consecutive documents."""
     stream: list[int] = []
     for index, tokens in enumerate(documents):
         if index > 0:
-            stream.append(EOS_ID)
+            stream.append(eos_id)
         stream.extend(tokens)
     return torch.tensor(stream, dtype=torch.int64)
 
@@ -423,6 +428,18 @@ def _check_corpus(corpus: str, data_files: Sequence[str] | None) -> None:
         raise FileNotFoundError(f"Text files not found: {missing}. Pass existing paths in data_files.")
 
 
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Raise ValueError unless both held-out fractions are in [0, 1) and leave training documents."""
+    for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not (math.isfinite(fraction) and 0 <= fraction < 1):
+            raise ValueError(f"{name} must be in [0, 1), got {fraction}.")
+    if val_fraction + test_fraction >= 1:
+        raise ValueError(
+            f"val_fraction + test_fraction must be < 1 to leave training documents, "
+            f"got {val_fraction} + {test_fraction}."
+        )
+
+
 def _check_arguments(
     corpus: str,
     data_files: Sequence[str] | None,
@@ -436,14 +453,7 @@ def _check_arguments(
     _check_corpus(corpus, data_files)
     if block_size < 1 or batch_size < 1:
         raise ValueError(f"block_size and batch_size must be >= 1, got {block_size} and {batch_size}.")
-    for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not (math.isfinite(fraction) and 0 <= fraction < 1):
-            raise ValueError(f"{name} must be in [0, 1), got {fraction}.")
-    if val_fraction + test_fraction >= 1:
-        raise ValueError(
-            f"val_fraction + test_fraction must be < 1 to leave training documents, "
-            f"got {val_fraction} + {test_fraction}."
-        )
+    check_fractions(val_fraction, test_fraction)
     if max_tokens is not None and max_tokens < block_size + 1:
         raise ValueError(
             f"max_tokens={max_tokens} is smaller than one block of block_size + 1 = {block_size + 1} tokens. "
