@@ -5,6 +5,7 @@ The core depends on torch only.
 
 from hbll.critical_path import TaskGraph
 from hbll.engine import BackpropEngine, ReferenceEngine, StepResult, build_engine, train_step
+from hbll.fused import FusedEngine
 from hbll.model import HBLLModel, fresh_block_shortcut, fresh_copy
 from hbll.networks import CausalTransformer, ConvResNet, NetworkSpec
 from hbll.optim import level_param_groups
@@ -15,6 +16,7 @@ __all__ = [
     "BackpropEngine",
     "CausalTransformer",
     "ConvResNet",
+    "FusedEngine",
     "HBLLModel",
     "NetworkSpec",
     "Node",

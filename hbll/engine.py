@@ -8,7 +8,7 @@ plain PyTorch loop, the Lightning strategy and later distributed engines.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Hashable, Mapping, Optional, Protocol, Sequence
 
 import torch
 
@@ -183,6 +183,14 @@ class ReferenceEngine:
         self._pipeline_labels: dict[int, torch.Tensor] = {}
         self._pipeline_states: dict[int, Any] = {}
 
+    def run_modules(self, modules: Sequence[Callable[[torch.Tensor], torch.Tensor]], inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Return ``modules[k](inputs[k])`` for every k; the modules of one call are independent.
+
+        The reference engine calls them one after another. ``FusedEngine`` runs modules
+        of one structure as one batched call.
+        """
+        return [module(module_input) for module, module_input in zip(modules, inputs)]
+
     def reset_pipeline(self) -> None:
         """Empty the buffer of pipelined chained activations, for example after loading weights."""
         self.pipeline = {}
@@ -239,7 +247,7 @@ class ReferenceEngine:
         tasks = {tree.root: stem_task}
         with torch.no_grad():
             for level in tree.levels[:-1]:
-                produced, routes = {}, []
+                routes, jobs = [], []
                 for node in level:
                     if node.is_leaf:
                         continue
@@ -248,9 +256,12 @@ class ReferenceEngine:
                     tasks[right] = graph.add(f"message {right}", [tasks[node]])
                     routes.append(Route(("message", right), left, tuple(tree.left_spine(right))))
                     if comm.owns(left):
-                        right_message = model.node_module(left)(messages[node])
-                        check_hidden_shape(left, messages[node], right_message)
-                        produced[("message", right)] = right_message
+                        jobs.append((node, left, right))
+                results = self.run_modules([model.node_module(left) for _, left, _ in jobs], [messages[node] for node, _, _ in jobs])
+                produced = {}
+                for (node, left, right), right_message in zip(jobs, results):
+                    check_hidden_shape(left, messages[node], right_message)
+                    produced[("message", right)] = right_message
                 for (_, right), message in comm.exchange(produced, routes).items():
                     messages.update(dict.fromkeys(tree.left_spine(right), message))
         return messages, tasks
@@ -265,12 +276,14 @@ class ReferenceEngine:
         with torch.no_grad():
             for sweep in range(sweeps):
                 round_task = graph.add(f"sweep {sweep}", [tasks[leaf] for leaf in leaves])
-                produced, routes = {}, []
+                routes, sources = [], []
                 for i in range(1, len(leaves)):
                     routes.append(Route(("sweep", leaves[i]), leaves[i - 1], (leaves[i],)))
                     if comm.owns(leaves[i - 1]):
-                        produced[("sweep", leaves[i])] = model.blocks[i - 1](messages[leaves[i - 1]])
+                        sources.append(i - 1)
                     tasks[leaves[i]] = round_task
+                results = self.run_modules([model.blocks[i] for i in sources], [messages[leaves[i]] for i in sources])
+                produced = {("sweep", leaves[i + 1]): message for i, message in zip(sources, results)}
                 for (_, leaf), message in comm.exchange(produced, routes).items():
                     messages[leaf] = message
 
@@ -304,13 +317,11 @@ class ReferenceEngine:
     ) -> tuple[dict[Node, torch.Tensor], dict[Node, Task]]:
         # Nodes whose span starts at 0 read z_0 with its graph, so the stem learns through
         # them. Every other node reads its detached message, so no gradient crosses a node.
-        outputs, tasks = {}, {}
-        for node in model.tree.nodes:
-            tasks[node] = graph.add(f"forward {node}", [message_tasks[node]])
-            if not self.comm.owns(node):
-                continue
-            node_input = hidden_states if node.start == 0 else messages[node].detach()
-            outputs[node] = model.node_module(node)(node_input)
+        tasks = {node: graph.add(f"forward {node}", [message_tasks[node]]) for node in model.tree.nodes}
+        owned = [node for node in model.tree.nodes if self.comm.owns(node)]
+        inputs = [hidden_states if node.start == 0 else messages[node].detach() for node in owned]
+        outputs = dict(zip(owned, self.run_modules([model.node_module(node) for node in owned], inputs)))
+        for node, node_input in zip(owned, inputs):
             check_hidden_shape(node, node_input, outputs[node])
         return outputs, tasks
 
@@ -333,13 +344,13 @@ class ReferenceEngine:
         loss_deps: dict[Node, list[Task]] = {node: [output_tasks[node]] for node in tree.nodes}
         use_consistency = objective.consistency_weight > 0
         peers = self._exchange_consistency_peers(model, outputs) if use_consistency else {}
+        if objective.exit_weight > 0:
+            all_logits = self.run_modules([model.exit_head(node.end) for node in owned], [outputs[node] for node in owned])
+            exit_terms = {node: objective.task_loss(logits, y) for node, logits in zip(owned, all_logits)}
 
         for node in tree.nodes:
             if objective.exit_weight > 0:
                 loss_deps[node] = [graph.add(f"exit {node}", [output_tasks[node]])]
-                if comm.owns(node):
-                    logits = model.exit_head(node.end)(outputs[node])
-                    exit_terms[node] = objective.task_loss(logits, y)
             if node.is_leaf or not use_consistency:
                 continue
             _, right = tree.children(node)
@@ -420,6 +431,7 @@ class ReferenceEngine:
         next_labels, next_states = {2: y}, {2: batch_state}
         routes = [Route(("pipeline", 2), leaves[1], (leaves[2],))]
         produced = {("pipeline", 2): outputs[leaves[1]].detach()} if comm.owns(leaves[1]) else {}
+        jobs: list[int] = []
         for i in range(2, len(leaves)):
             if i not in self._pipeline_labels:
                 continue
@@ -433,13 +445,24 @@ class ReferenceEngine:
             task = graph.add(f"chained forward {leaves[i]}")
             task = graph.add(f"chained exit {leaves[i]}", [task])
             graph.add(f"backward chained {leaves[i]}", [graph.add(f"backward chained exit {leaves[i]}", [task])])
-            if not comm.owns(leaves[i]):
-                continue
-            with model.batch_state(self._pipeline_states[i]):
-                output = model.blocks[i](self.pipeline[i][0])
-            last = i + 1 == len(leaves)
-            exit_head = model.frozen_head if last and not self.chained_exit_trains_head else model.exit_head(i + 1)
-            chained_exit = objective.task_loss(exit_head(output), labels)
+            if comm.owns(leaves[i]):
+                jobs.append(i)
+        # Each buffer came with its own batch, so blocks that read a batch context run one
+        # at a time inside it.
+        blocks, inputs = [model.blocks[i] for i in jobs], [self.pipeline[i][0] for i in jobs]
+        if model.context is None:
+            block_outputs = self.run_modules(blocks, inputs)
+        else:
+            block_outputs = []
+            for i, block, block_input in zip(jobs, blocks, inputs):
+                with model.batch_state(self._pipeline_states[i]):
+                    block_outputs.append(block(block_input))
+        heads = [
+            model.frozen_head if i + 1 == len(leaves) and not self.chained_exit_trains_head else model.exit_head(i + 1)
+            for i in jobs
+        ]
+        for i, output, logits in zip(jobs, block_outputs, self.run_modules(heads, block_outputs)):
+            chained_exit = objective.task_loss(logits, self._pipeline_labels[i])
             parts = local_losses[leaves[i]]
             parts["chained_exit"] = chained_exit
             parts["total"] = parts["total"] + self.chained_exit_weight * chained_exit
@@ -492,18 +515,31 @@ class BackpropEngine:
         return StepResult(loss, {"full": {"task": loss.detach()}}, graph.critical_path, task_graph=graph)
 
 
-def build_engine(
-    method: str, objective: Optional[ObjectiveConfig] = None, **engine_options
-) -> ReferenceEngine | BackpropEngine:
-    """Return the engine for ``method``: ``"hbll"`` (the reference engine) or ``"backprop"``.
+ENGINES = ("auto", "fused", "reference")
 
-    ``engine_options`` go to ``ReferenceEngine``: ``consistency_sweeps``, ``sweeps_from``,
-    ``chain_length``, ``chained_exit_weight`` and ``chained_exit_trains_head``. Backprop
-    has no such options and ignores them, so one set of settings can build both engines
-    of a comparison.
+
+def build_engine(
+    method: str, objective: Optional[ObjectiveConfig] = None, engine: str = "auto", **engine_options
+) -> ReferenceEngine | BackpropEngine:
+    """Return the engine for ``method``: ``"hbll"`` or ``"backprop"``.
+
+    ``engine`` picks how an HBLL step runs: ``"fused"`` batches the module calls of each
+    round (``hbll.fused.FusedEngine``), ``"reference"`` runs them one at a time, and
+    ``"auto"`` (the default) batches on CUDA devices and runs one at a time on the CPU,
+    where batched convolutions and attention measured slower. ``engine_options`` go to
+    the engine: ``consistency_sweeps``, ``sweeps_from``, ``chain_length``,
+    ``chained_exit_weight``, ``chained_exit_trains_head`` and ``comm``. Backprop has no
+    such options and ignores them, so one set of settings can build both engines of a
+    comparison.
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if method == "hbll":
-        return ReferenceEngine(objective, **engine_options)
+        if engine == "reference":
+            return ReferenceEngine(objective, **engine_options)
+        from hbll.fused import FusedEngine
+
+        return FusedEngine(objective, device_types=("cuda",) if engine == "auto" else None, **engine_options)
     if method == "backprop":
         return BackpropEngine(objective)
     raise ValueError(f"method must be 'hbll' or 'backprop', got {method!r}")

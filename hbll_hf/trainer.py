@@ -69,6 +69,8 @@ class HBLLArguments:
             in one tree.
         placement: ``"balanced"`` or a mapping from nodes to tree ranks.
         eval_depths: the level cuts that evaluation reports; None reports every level.
+        engine: ``"auto"`` (batched calls on CUDA, one at a time on the CPU), ``"fused"``
+            or ``"reference"``; see ``hbll.build_engine``.
     """
 
     method: str = "hbll"
@@ -83,6 +85,7 @@ class HBLLArguments:
     tree_groups: Optional[int] = None
     placement: Placement = "balanced"
     eval_depths: Optional[list[int]] = None
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in ("hbll", "backprop"):
@@ -163,10 +166,7 @@ class HBLLTrainer(Trainer):
             self.parallel = TreeParallel(self.model.hbll, tree_groups, self.hbll_args.placement, device=self.args.device)
             comm = self.parallel.comm
             logger.info("HBLLTrainer: %s engine\n%s", self.hbll_args.method, self.parallel.describe())
-        engine = build_engine(self.hbll_args.method, self.hbll_args.objective(), **options)
-        if comm is not None and isinstance(engine, ReferenceEngine):
-            engine.comm = comm
-        return engine
+        return build_engine(self.hbll_args.method, self.hbll_args.objective(), engine=self.hbll_args.engine, comm=comm, **options)
 
     def _wrap_model(self, model: nn.Module, training: bool = True, dataloader: Any = None) -> nn.Module:
         # TreeParallel reduces gradients itself, so no DistributedDataParallel wrapper.

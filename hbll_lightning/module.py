@@ -80,6 +80,9 @@ class HBLLModule(LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps before the cosine decay.
         lr_schedule: ``"cosine"`` decays to zero over the run, ``"constant"`` keeps ``lr``.
+        engine: how an HBLL step runs (see ``hbll.build_engine``): ``"fused"`` batches the
+            module calls of each round, ``"reference"`` runs them one at a time, ``"auto"``
+            batches on CUDA devices only.
 
     Validation and test report the loss at every level cut, plus the accuracy
     (classification) or the perplexity (language modelling), as ``val/depth{ℓ}/...``.
@@ -107,6 +110,7 @@ class HBLLModule(LightningModule):
         weight_decay: float = 0.01,
         warmup_steps: int = 0,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
+        engine: Literal["auto", "fused", "reference"] = "auto",
     ) -> None:
         super().__init__()
         if method not in ("hbll", "backprop"):
@@ -181,6 +185,7 @@ class HBLLModule(LightningModule):
             chain_length=hp.chain_length,
             chained_exit_weight=hp.chained_exit_weight,
             chained_exit_trains_head=hp.chained_exit_trains_head,
+            engine=hp.get("engine", "auto"),
             comm=comm,
         )
 

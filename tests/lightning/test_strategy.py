@@ -44,7 +44,7 @@ def test_strategy_trains_with_local_losses(tmp_path):
     trainer = _trainer(tmp_path)
     trainer.fit(module, train, val)
     assert trainer.global_step == 8
-    assert trainer.strategy.engine.name == "reference"
+    assert trainer.strategy.engine.name == "fused"
     changed = {name for name, p in module.model.named_parameters() if not torch.equal(p, before[name])}
     assert "shortcuts.0_4.linear.weight" in changed
     assert "exit_heads.2.weight" in changed
