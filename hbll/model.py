@@ -229,6 +229,19 @@ class HBLLModel(nn.Module):
             hidden_states = output
         return hidden_states
 
+    def cut_network(self, depth: Optional[int] = None, cut: Optional[CutLike] = None, compile: bool = False) -> nn.Module:
+        """Return the network of a cut as ``nn.Sequential(stem, *node modules, head)``.
+
+        It shares this model's modules (no copies) and runs them with no per-node Python
+        beyond the module calls, so it suits deployment and ``torch.compile``; with
+        ``compile=True`` it comes back compiled. Models with a per-batch context (the
+        transformers adapters) need ``model(x, depth=...)`` instead.
+        """
+        if self.context is not None:
+            raise ValueError("a model with a per-batch context runs its cuts through model(x, depth=...)")
+        network = nn.Sequential(self.stem, *(self.node_module(node) for node in self.cut_nodes(depth, cut)), self.head)
+        return torch.compile(network) if compile else network
+
     def forward(
         self, x: torch.Tensor, depth: Optional[int] = None, cut: Optional[CutLike] = None
     ) -> torch.Tensor:

@@ -99,3 +99,15 @@ def test_model_predict_anytime_stops_at_threshold(tiny_batch):
 def test_model_predict_anytime_invalid_threshold_raises(tiny_batch):
     with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\], got 1.5"):
         make_tiny_model(2).predict_anytime(tiny_batch[0], threshold=1.5)
+
+
+def test_cut_network_equals_the_cut():
+    from tests.conftest import make_tiny_model
+
+    model = make_tiny_model(5).eval()
+    x = torch.randn(3, 5)
+    for depth in range(model.depth + 1):
+        network = model.cut_network(depth)
+        assert len(network) == len(model.tree.level_cut(depth)) + 2
+        torch.testing.assert_close(network(x), model(x, depth=depth), rtol=0, atol=0)
+    assert network[1] is model.blocks[0]
