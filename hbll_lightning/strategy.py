@@ -149,6 +149,9 @@ class HBLLStrategy(DDPStrategy):
         tree_groups = 1 if module.method == "backprop" else self.tree_groups
         self.parallel = TreeParallel(module.model, tree_groups, self.placement, device=self.root_device)
         self.engine = module.build_engine(comm=self.parallel.comm)
+        # Clipping by norm uses the norm of the whole model's gradient, as in one process.
+        parallel = self.parallel
+        self.precision_plugin.clip_grad_by_norm = lambda optimizer, clip_val: parallel.clip_grad_norm_(clip_val)
         rank_zero_info(f"HBLLStrategy: {self.engine.name} engine\n{self.parallel.describe()}")
         mesh = self.parallel.mesh
         log.debug(

@@ -71,6 +71,15 @@ def test_strategy_flag_with_spawn_matches_one_process(one_process_run, tmp_path)
         assert got[key] == pytest.approx(value, abs=1e-5), key
 
 
+def test_clipping_by_norm_matches_one_process(tmp_path):
+    # A small threshold makes every step clip, by the norm of the whole model's gradient.
+    reference = build_module()
+    make_trainer(str(tmp_path / "one"), devices=1, gradient_clip_val=0.05).fit(reference, loader())
+    module = build_module()
+    make_trainer(str(tmp_path / "two"), devices=2, start_method="spawn", gradient_clip_val=0.05).fit(module, loader())
+    _assert_same(_parameters(module), _parameters(reference))
+
+
 @pytest.mark.parametrize(
     "method,devices,tree_groups", [("hbll", 4, 2), ("backprop", 2, None)], ids=["hbll-2x2-mesh", "backprop-data-parallel"]
 )

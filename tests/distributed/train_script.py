@@ -55,7 +55,8 @@ class FailAt(Callback):
 
 
 def make_trainer(
-    root: str, devices: int, tree_groups=None, start_method="popen", fail_rank=None, timeout_s=60, max_steps=STEPS
+    root: str, devices: int, tree_groups=None, start_method="popen", fail_rank=None, timeout_s=60, max_steps=STEPS,
+    gradient_clip_val=None,
 ) -> Trainer:
     callbacks = [ModelCheckpoint(dirpath=os.path.join(root, "checkpoints"), every_n_train_steps=1, save_top_k=-1)]
     if fail_rank is not None:
@@ -64,7 +65,7 @@ def make_trainer(
     return Trainer(
         strategy=strategy, accelerator="cpu", devices=devices, max_steps=max_steps, default_root_dir=root,
         logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-        num_sanity_val_steps=0,
+        num_sanity_val_steps=0, gradient_clip_val=gradient_clip_val,
     )
 
 
