@@ -112,6 +112,9 @@ class FusedEngine(ReferenceEngine):
                 output = modules[0](torch.cat(list(inputs)))
                 return list(output.split([x.shape[0] for x in inputs]))
             return list(self._stacked_call(modules, inputs).unbind(0))
+        except torch.OutOfMemoryError:
+            # Running the group module by module would hide that the device is full.
+            raise
         except (RuntimeError, NotImplementedError, TypeError, ValueError) as error:
             self.unfusable.add(key)
             logger.debug(
