@@ -31,7 +31,7 @@ TASKS = {
 
 
 class HubPushError(RuntimeError):
-    """The upload of a checkpoint failed; ``save_directory`` still holds the complete checkpoint."""
+    """An upload that failed; ``save_directory`` still contains the complete checkpoint."""
 
     def __init__(self, message: str, save_directory: Path) -> None:
         super().__init__(message)
