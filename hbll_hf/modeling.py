@@ -1,6 +1,6 @@
 """``HBLLConfig`` and the transformers models of a variable-depth HBLL checkpoint.
 
-An HBLL checkpoint holds a stock architecture (its config under ``stock_config``) with
+An HBLL checkpoint contains a stock architecture (its config under ``stock_config``) with
 the shortcuts and exit heads of the tree. ``HBLLForCausalLM`` and
 ``HBLLForSequenceClassification`` load it whole for training, or one cut for inference:
 
@@ -79,7 +79,7 @@ class HBLLConfig(PretrainedConfig):
             ``"last"`` layer of their span, or ``"fresh"``.
         exit_heads: ``"shared"`` or ``"local"`` (see ``hbll.HBLLModel``).
         init_sigma, learn_sigma: σ of the consistency terms.
-        depth: None for the whole tree; a level ℓ for a model that holds cut ``C_ℓ`` only.
+        depth: None for the whole tree; a level ℓ for a model that contains cut ``C_ℓ`` only.
         training: the HBLL training settings and per-depth results, recorded for the
             model card.
     """
@@ -171,7 +171,10 @@ class CutModel(nn.Module):
         self.blocks = nn.ModuleDict()
         self.shortcuts = nn.ModuleDict()
         for node, layer in zip(self.nodes, layers):
-            (self.blocks if node.is_leaf else self.shortcuts)[str(node.start) if node.is_leaf else node.name] = LayerBlock(layer, context)
+            if node.is_leaf:
+                self.blocks[str(node.start)] = LayerBlock(layer, context)
+            else:
+                self.shortcuts[node.name] = LayerBlock(layer, context)
         self.head = head
         self.context = context
 
@@ -255,11 +258,16 @@ class HBLLPreTrainedModel(PreTrainedModel):
         if self.is_cut:
             if (depth is not None and depth != self.config.depth) or cut is not None:
                 raise ValueError(
-                    f"this model holds level cut {self.config.depth} only; load the whole checkpoint "
+                    f"this model contains level cut {self.config.depth} only; load the whole checkpoint "
                     f"(from_pretrained without depth) to run depth={depth}"
                 )
             return self.hbll(inputs)
         return self.hbll(inputs, depth=depth, cut=cut)
+
+    def _logits_and_loss(self, inputs: dict[str, Any], targets: Optional[torch.Tensor], depth: Optional[int]) -> dict[str, Any]:
+        logits = self.run(inputs, depth=depth)
+        loss = cross_entropy_loss(logits, targets) if targets is not None else None
+        return {"loss": loss, "logits": logits}
 
     # Saving and loading.
 
@@ -346,7 +354,7 @@ class HBLLPreTrainedModel(PreTrainedModel):
         weights_path = _resolve(pretrained_model_name_or_path, WEIGHTS_NAME, **download)
         if config.depth is not None:
             if depth is not None and depth != config.depth:
-                raise ValueError(f"{pretrained_model_name_or_path} holds level cut {config.depth} only, not {depth}")
+                raise ValueError(f"{pretrained_model_name_or_path} contains level cut {config.depth} only, not {depth}")
             depth = config.depth
         if depth is not None:
             tree = Tree(config.num_blocks)
@@ -372,7 +380,7 @@ class HBLLPreTrainedModel(PreTrainedModel):
         """
         if self.is_cut:
             if (depth is not None and depth != self.config.depth) or cut is not None:
-                raise ValueError(f"this model holds level cut {self.config.depth} only")
+                raise ValueError(f"this model contains level cut {self.config.depth} only, not depth {depth}")
             nodes, source = self.hbll.nodes, self.hbll
         else:
             nodes, source = self.hbll.cut_nodes(depth, cut), self.hbll
@@ -385,7 +393,7 @@ class HBLLPreTrainedModel(PreTrainedModel):
 
 
 def _cut_state(source: nn.Module, nodes: Sequence[Node]) -> dict[str, torch.Tensor]:
-    """The state of the stem, the nodes of ``nodes`` and the head of ``source``, named as in ``CutModel``."""
+    """Collect the state of the stem, the nodes of ``nodes`` and the head of ``source``, named as in ``CutModel``."""
     state = {}
     for prefix in ("stem", "head"):
         state.update({f"{prefix}.{k}": v for k, v in getattr(source, prefix).state_dict().items()})
@@ -465,9 +473,8 @@ class HBLLForCausalLM(HBLLPreTrainedModel):
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        logits = self.run(inputs, depth=depth)
-        loss = cross_entropy_loss(logits, shift_labels(labels)) if labels is not None else None
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        targets = shift_labels(labels) if labels is not None else None
+        return CausalLMOutputWithPast(**self._logits_and_loss(inputs, targets, depth))
 
 
 class HBLLForSequenceClassification(HBLLPreTrainedModel):
@@ -485,9 +492,7 @@ class HBLLForSequenceClassification(HBLLPreTrainedModel):
         **kwargs: Any,
     ) -> SequenceClassifierOutput:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-        logits = self.run(inputs, depth=depth)
-        loss = cross_entropy_loss(logits, labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return SequenceClassifierOutput(**self._logits_and_loss(inputs, labels, depth))
 
 
 AutoConfig.register("hbll", HBLLConfig, exist_ok=True)
