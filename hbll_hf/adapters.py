@@ -212,7 +212,7 @@ class LayerContext:
 
     It implements ``hbll.model.BatchContext``: ``prepare`` runs the stem's base model up
     to its first layer, without gradient, and keeps the arguments that the layer would
-    get. Copies of a module that holds a ``LayerContext`` share it.
+    get. Copies of a module that contains a ``LayerContext`` share it.
     """
 
     def __init__(self) -> None:

@@ -147,7 +147,7 @@ class HBLLTrainer(Trainer):
             raise ValueError("HBLLTrainer needs a model; model_init is not supported")
         model = _wrap_stock(model, self.hbll_args)
         if model.is_cut:
-            raise ValueError("this model holds one cut only; load the whole checkpoint to train it")
+            raise ValueError("this model contains one cut only; load the whole checkpoint (from_pretrained without depth) to train it")
         super().__init__(model, args, *trainer_args, **kwargs)
         # compute_loss returns a per-batch mean, which the Trainer scales for accumulation.
         self.model_accepts_loss_kwargs = False

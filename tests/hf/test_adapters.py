@@ -68,7 +68,7 @@ def test_adapter_shares_the_stock_modules():
     assert model.blocks[2].layer is stock.model.layers[2]
     assert model.head.output is stock.lm_head
     assert model.stem.base.embed_tokens is stock.model.embed_tokens
-    # The stem holds no layer and no final norm, so no parameter is counted twice.
+    # The stem contains no layer and no final norm, so no parameter is counted twice.
     assert not any("layers" in name or name.endswith("norm.weight") for name, _ in model.stem.named_parameters())
     assert model.exit_head_policy == "shared"
 
@@ -91,7 +91,7 @@ def test_fresh_shortcuts_differ_from_every_layer():
     assert all(not torch.equal(weight, layer.attn.c_attn.weight) for layer in stock.transformer.h)
 
 
-def test_unknown_layer_list_names_the_attribute_and_the_way_out():
+def test_unknown_layer_list_error():
     class Trunk(nn.Module):
         def __init__(self):
             super().__init__()
@@ -120,7 +120,7 @@ def test_layers_outside_a_batch_raise_a_clear_error():
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_engine_step_on_a_padded_batch_keeps_gradients_local(family):
+def test_padded_engine_step_stays_local(family):
     torch.manual_seed(0)
     stock = FAMILIES[family](num_layers=4).train()
     model, _ = from_transformers(stock)

@@ -54,7 +54,7 @@ def test_causal_lm_round_trip_at_every_depth(family, tmp_path):
         torch.testing.assert_close(whole(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
 
-def test_a_cut_loads_only_its_tensors(tmp_path):
+def test_cut_loads_only_its_tensors(tmp_path):
     model = HBLLForCausalLM.from_stock(tiny_models.llama_lm(num_layers=8))
     model.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as file:
@@ -98,8 +98,10 @@ def test_config_records_the_stock_architecture():
     model = HBLLForCausalLM.from_stock(tiny_models.gpt2_lm(num_layers=6))
     config = model.config
     assert isinstance(config, HBLLConfig) and config.model_type == "hbll"
-    assert config.num_blocks == 6 and config.vocab_size == tiny_models.VOCAB
-    assert config.arch.layers == "h" and config.stock().model_type == "gpt2"
+    assert config.num_blocks == 6
+    assert config.vocab_size == tiny_models.VOCAB
+    assert config.arch.layers == "h"
+    assert config.stock().model_type == "gpt2"
 
 
 def test_depth_errors_name_the_valid_range(tmp_path):
@@ -108,7 +110,7 @@ def test_depth_errors_name_the_valid_range(tmp_path):
     with pytest.raises(ValueError, match=r"depth must be in 0\.\.2"):
         HBLLForCausalLM.from_pretrained(tmp_path, depth=3)
     cut = HBLLForCausalLM.from_pretrained(tmp_path, depth=1)
-    with pytest.raises(ValueError, match="holds level cut 1 only"):
+    with pytest.raises(ValueError, match="contains level cut 1 only"):
         cut(**tiny_models.padded_batch(), depth=2)
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         HBLLForCausalLM.from_pretrained(tmp_path, subfolder="nothing")

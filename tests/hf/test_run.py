@@ -33,3 +33,14 @@ def test_runner_writes_report_plot_and_checkpoints(tmp_path):
     assert "| depth 2 (3) |" in (tmp_path / "out" / "report.md").read_text()
     cut = HBLLForCausalLM.from_pretrained(tmp_path / "out" / "hbll" / "final", depth=0)
     assert cut.config.training["eval"]["eval_depth0_loss"] > 0
+
+
+def test_runner_rejects_unknown_config_keys(tmp_path):
+    import pytest
+
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "optimiser": {"lr": 1}}))
+    with pytest.raises(ValueError, match=r"unknown keys \['optimiser'\]"):
+        main(["--config", str(config)])
+    with pytest.raises(FileNotFoundError, match="not found"):
+        main(["--config", str(tmp_path / "missing.yaml")])

@@ -165,3 +165,10 @@ def test_two_processes_match_one(tmp_path, launcher):
     metrics = json.loads((double / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["eval_depth2_loss"] == pytest.approx(json.loads((single / "metrics.json").read_text())["eval_depth2_loss"], abs=1e-5)
+
+
+def test_non_transformers_model_is_rejected(tmp_path):
+    with pytest.raises(TypeError, match="trains transformers models, got Linear"):
+        HBLLTrainer(model=torch.nn.Linear(2, 2), args=training_arguments(tmp_path, eval_strategy="no"))
+    with pytest.raises(TypeError, match="neither an LM head nor a sequence classifier"):
+        HBLLTrainer(model=tiny_models.bert_encoder(), args=training_arguments(tmp_path, eval_strategy="no"))
