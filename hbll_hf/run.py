@@ -35,7 +35,6 @@ import transformers
 import yaml
 
 from hbll_hf.data import lm_datasets
-from hbll_hf.modeling import HBLLForCausalLM
 from hbll_hf.pretrained import gpt2_tokenizer, load_smollm2
 from hbll_hf.trainer import HBLLArguments, HBLLTrainer
 from hbll_lightning.plots import plot_depth_metric
