@@ -1,4 +1,4 @@
-"""Networks for the shipped configs: a convolutional residual network and a causal transformer.
+"""Networks for the shipped configs: a convolutional residual network, a causal transformer and a character RNN.
 
 Each network is described by a spec class whose ``build()`` returns ``(stem, blocks,
 head)``, so the same spec builds the HBLL model and the backprop baseline.
@@ -14,11 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from hbll.model import ExitHeadPolicy, HBLLModel
+from hbll.recurrent import RecurrentHBLL
 
 __all__ = [
     "NetworkSpec",
     "ConvResNet",
     "CausalTransformer",
+    "CharRNN",
     "ResidualConvBlock",
     "DecoderBlock",
     "Task",
@@ -32,6 +34,10 @@ class NetworkSpec:
 
     task: Task = "classification"
     default_exit_heads: ExitHeadPolicy = "local"
+    # A recurrent spec builds a ``RecurrentHBLL`` whose tree goes over time steps.
+    recurrent = False
+    # The metric that reports compare; None picks accuracy or perplexity by task.
+    metric: Optional[str] = None
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 1:
@@ -296,3 +302,70 @@ class CausalTransformer(NetworkSpec):
         blocks = [DecoderBlock(self.d_model, self.num_heads, self.mlp_ratio, self.dropout) for _ in range(self.num_blocks)]
         head = nn.Sequential(nn.LayerNorm(self.d_model), nn.Linear(self.d_model, self.vocab_size, bias=False))
         return stem, blocks, head
+
+
+RecurrentCellKind = Literal["gru", "lstm"]
+
+
+class CharRNN(NetworkSpec):
+    """Character-level recurrent LM: an embedding, one GRU or LSTM cell over time, a linear head.
+
+    The tree goes over time steps, not blocks: ``max_steps`` is the sequence length the
+    model trains on (the datamodule's ``block_size``), and ``build_model`` returns a
+    ``hbll.recurrent.RecurrentHBLL``. ``vocab_size=None`` reads ``vocab_size`` of the
+    datamodule.
+
+    Args:
+        max_steps: T, the longest training sequence; sets the shortcut scales.
+        vocab_size: characters in the vocabulary.
+        cell: ``"gru"`` or ``"lstm"``.
+        embedding_dim: width of the cell's input.
+        hidden_size: width of the cell's state.
+        lookahead: the number of lookahead heads, which train the state to carry
+            information to later steps (see ``RecurrentHBLL``).
+    """
+
+    task: Task = "language_modeling"
+    recurrent = True
+    metric = "bits_per_char"
+    data_arguments = {"vocab_size": "vocab_size"}
+
+    def __init__(
+        self,
+        max_steps: int = 128,
+        vocab_size: Optional[int] = None,
+        cell: RecurrentCellKind = "gru",
+        embedding_dim: int = 64,
+        hidden_size: int = 256,
+        lookahead: int = 0,
+    ) -> None:
+        super().__init__(max_steps)
+        if cell not in ("gru", "lstm"):
+            raise ValueError(f"cell must be 'gru' or 'lstm', got {cell!r}")
+        self.max_steps = max_steps
+        self.vocab_size = vocab_size
+        self.cell = cell
+        self.embedding_dim = embedding_dim
+        self.hidden_size = hidden_size
+        self.lookahead = lookahead
+
+    def config(self) -> dict:
+        config = super().config()
+        # num_blocks mirrors max_steps and is no constructor argument.
+        config["init_args"].pop("num_blocks")
+        return config
+
+    def build_model(self, exit_heads: ExitHeadPolicy | None = None, **kwargs) -> RecurrentHBLL:
+        """Build the ``RecurrentHBLL``; ``kwargs`` (``init_sigma``, ``learn_sigma``) go to it."""
+        missing = self.missing_arguments()
+        if missing:
+            raise ValueError(f"CharRNN arguments {missing} are None; set them, or call fill_from_data(datamodule) first")
+        cell_class = nn.GRUCell if self.cell == "gru" else nn.LSTMCell
+        return RecurrentHBLL(
+            nn.Embedding(self.vocab_size, self.embedding_dim),
+            cell_class(self.embedding_dim, self.hidden_size),
+            nn.Linear(self.hidden_size, self.vocab_size),
+            max_steps=self.max_steps,
+            lookahead=self.lookahead,
+            **kwargs,
+        )

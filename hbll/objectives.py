@@ -83,7 +83,11 @@ class ObjectiveConfig:
 
 
 def consistency_terms(
-    coarse: torch.Tensor, fine: torch.Tensor, log_sigma: torch.Tensor, consistency_lambda: float
+    coarse: torch.Tensor,
+    fine: torch.Tensor,
+    log_sigma: torch.Tensor,
+    consistency_lambda: float,
+    per_row: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the coarse and the fine half of the consistency term of one internal node.
 
@@ -97,8 +101,16 @@ def consistency_terms(
       belongs to the right child's loss. σ is detached there, so σ stays the
       maximum-likelihood noise scale of the node's own transition and no gradient reaches
       another node's parameters.
+
+    With ``per_row``, the first dimension indexes nodes and ``log_sigma`` holds one value
+    per node: both halves come back with one term per node.
     """
+
+    def mean(difference: torch.Tensor) -> torch.Tensor:
+        squares = difference.pow(2)
+        return squares.flatten(1).mean(dim=1) if per_row else squares.mean()
+
     sigma_sq = torch.exp(2 * log_sigma)
-    coarse_term = (coarse - fine.detach()).pow(2).mean() / (2 * sigma_sq) + log_sigma
-    fine_term = consistency_lambda * (fine - coarse.detach()).pow(2).mean() / (2 * sigma_sq.detach())
+    coarse_term = mean(coarse - fine.detach()) / (2 * sigma_sq) + log_sigma
+    fine_term = consistency_lambda * mean(fine - coarse.detach()) / (2 * sigma_sq.detach())
     return coarse_term, fine_term
