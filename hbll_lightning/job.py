@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 
 from hbll.checkpoint import save_checkpoint
+from hbll.recurrent import parse_method
 from hbll_lightning.cli import HBLLCLI
 from hbll_lightning.module import HBLLModule
 from hbll_lightning.plots import plot_depth_metric
@@ -32,7 +33,6 @@ __all__ = ["run_job", "JobConfigError", "REPORT_NAME"]
 logger = logging.getLogger(__name__)
 
 REPORT_NAME = "report.json"
-METHODS = ("hbll", "backprop")
 
 
 class JobConfigError(ValueError):
@@ -60,9 +60,13 @@ class _ComparisonJob:
 
     def _prepare_output(self, config: Any) -> None:
         methods = list(config.methods)
-        unknown = [m for m in methods if m not in METHODS]
-        if not methods or unknown:
-            raise JobConfigError(f"methods must be a non-empty list of {list(METHODS)}, got {methods}")
+        if not methods:
+            raise JobConfigError("methods must be a non-empty list of 'hbll', 'backprop' and 'tbptt<k>', got []")
+        for method in methods:
+            try:
+                parse_method(method)
+            except ValueError as error:
+                raise JobConfigError(f"methods: {error}") from None
         self.methods = methods
         self.method = methods[0]
         if config.seed_everything is False:
@@ -103,7 +107,7 @@ class _ComparisonJob:
             cli = HBLLCLI(args=[*self.argv, f"--seed_everything={self.seed}"], run=False, before_instantiate=self.configure)
             report["methods"][method] = self._train_and_test(cli)
 
-        metric = "perplexity" if report["task"] == "language_modeling" else "accuracy"
+        metric = cli.model.network.metric or ("perplexity" if report["task"] == "language_modeling" else "accuracy")
         report["metric"] = metric
         (self.staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
         plot_depth_metric(report, self.staging / f"depth_vs_{metric}.png")
@@ -142,6 +146,7 @@ class _ComparisonJob:
             "test": module.depth_metrics("test"),
             "wall_time_s": round(wall_time, 2),
             "steps": cli.trainer.global_step,
+            "step_time_s": module.mean_step_time(),
             "critical_path_per_step": module.last_critical_path,
             "num_blocks": module.model.num_blocks,
             "tree_depth": module.model.depth,
@@ -170,7 +175,7 @@ def format_report(report: dict) -> str:
     metric = report["metric"]
     methods = list(report["methods"])
     rows = report["methods"][methods[0]]["test"]
-    header = "| cut (blocks) | " + " | ".join(f"{m} {metric}" for m in methods) + " |"
+    header = "| network (modules) | " + " | ".join(f"{m} {metric}" for m in methods) + " |"
     lines = [header, "|" + "---|" * (len(methods) + 1)]
     for i, row in enumerate(rows):
         cells = []
@@ -182,13 +187,19 @@ def format_report(report: dict) -> str:
                 cells.append(f"{100 * value:.2f}%")
             else:
                 cells.append(f"{value:.2f}")
-        lines.append(f"| depth {row['depth']} ({row['num_modules']}) | " + " | ".join(cells) + " |")
+        if "path" in row:
+            label = f"{row['path']} path ({row['num_modules']} sequential evaluations)"
+        else:
+            label = f"depth {row['depth']} ({row['num_modules']})"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("| method | wall time (s) | steps | critical path per step |")
-    lines.append("|---|---|---|---|")
+    lines.append("| method | wall time (s) | steps | time per step (s) | critical path per step |")
+    lines.append("|---|---|---|---|---|")
     for method in methods:
         r = report["methods"][method]
-        lines.append(f"| {method} | {r['wall_time_s']:.1f} | {r['steps']} | {r['critical_path_per_step']} |")
+        step_time = r.get("step_time_s")
+        step_cell = "n/a" if step_time is None else f"{step_time:.4f}"
+        lines.append(f"| {method} | {r['wall_time_s']:.1f} | {r['steps']} | {step_cell} | {r['critical_path_per_step']} |")
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Literal, Optional, Sequence
 
 import torch
@@ -16,11 +17,13 @@ from hbll.model import ExitHeadPolicy, HBLLModel
 from hbll.networks import NetworkSpec, Task
 from hbll.objectives import ObjectiveConfig
 from hbll.optim import level_param_groups
+from hbll.recurrent import RecurrentHBLL, build_recurrent_engine, parse_method
 from hbll.tree import Tree
 
 __all__ = ["HBLLModule", "ModulesSpec", "PrebuiltModel"]
 
-Method = Literal["hbll", "backprop"]
+# "hbll", "backprop", or "tbptt<k>" (truncated backprop through time, recurrent networks only).
+Method = str
 
 
 class ModulesSpec(NetworkSpec):
@@ -64,7 +67,9 @@ class HBLLModule(LightningModule):
     Args:
         network: the spec that builds ``(stem, blocks, head)``.
         method: ``"hbll"`` trains every tree node on its local objective; ``"backprop"``
-            trains the full network end to end with the same architecture.
+            trains the full network end to end with the same architecture (for a
+            recurrent network, backprop through time); ``"tbptt<k>"``, such as
+            ``"tbptt16"``, is truncated backprop through time over k steps.
         exit_heads: the exit-head policy; ``None`` takes the network's default.
         exit_weight, consistency_weight, consistency_lambda, init_sigma, learn_sigma,
             consistency_weight_final, consistency_lambda_final: the local objective and
@@ -73,7 +78,8 @@ class HBLLModule(LightningModule):
             chained_exit_trains_head: the leaf-input options of ``hbll.ReferenceEngine``:
             K Jacobi sweeps, the fraction of training from which they run, the leaves
             trained on chained inputs per step, the weight of the exit term on pipelined
-            chained inputs, and whether that term trains the final head.
+            chained inputs, and whether that term trains the final head. A recurrent
+            network takes the sweeps only, and ignores the chained exits.
         lr: peak learning rate of AdamW.
         level_lr_scale: the learning rate of a tree node at level ℓ is
             ``lr * level_lr_scale ** ℓ`` (see ``hbll.level_param_groups``).
@@ -83,9 +89,17 @@ class HBLLModule(LightningModule):
         engine: how an HBLL step runs (see ``hbll.build_engine``): ``"fused"`` batches the
             module calls of each round, ``"reference"`` runs them one at a time, ``"auto"``
             batches on CUDA devices only.
+        lookahead_weight: for a recurrent network with lookahead heads, the weight of
+            their losses (see ``hbll.recurrent.RecurrentEngine``).
 
     Validation and test report the loss at every level cut, plus the accuracy
     (classification) or the perplexity (language modelling), as ``val/depth{ℓ}/...``.
+    A recurrent network (a spec with ``recurrent = True``, such as ``hbll.networks.CharRNN``)
+    reports two paths instead: ``val/sequential/...``, the cell run step by step as an
+    ordinary RNN, and ``val/tree/...``, every step's state estimated by the tree
+    messages and ``consistency_sweeps`` sweeps in ``L + K + 1`` rounds. Language models
+    also report ``bits_per_char`` when the network's metric says so. ``mean_step_time()``
+    returns the mean wall time of a training step.
     """
 
     def __init__(
@@ -111,10 +125,20 @@ class HBLLModule(LightningModule):
         warmup_steps: int = 0,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
         engine: Literal["auto", "fused", "reference"] = "auto",
+        lookahead_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        if method not in ("hbll", "backprop"):
-            raise ValueError(f"method must be 'hbll' or 'backprop', got {method!r}")
+        _, truncation = parse_method(method)
+        self.recurrent = bool(getattr(network, "recurrent", False))
+        if truncation is not None and not self.recurrent:
+            raise ValueError(
+                f"method {method!r} is truncated backprop through time, which needs a recurrent network "
+                f"such as hbll.networks.CharRNN; {type(network).__name__} is not one"
+            )
+        if self.recurrent and chain_length:
+            raise ValueError("chain_length applies to block trunks; a recurrent network takes consistency_sweeps instead")
+        if self.recurrent and level_lr_scale != 1.0:
+            raise ValueError("level_lr_scale applies to block trunks; a recurrent network trains at one lr")
         if lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
         self.save_hyperparameters(ignore=["network"])
@@ -132,13 +156,15 @@ class HBLLModule(LightningModule):
         )
         self.engine = self.build_engine()
         self.last_critical_path: Optional[int] = None
+        self._step_started: Optional[float] = None
+        self._step_times: list[float] = []
 
         # A network with data-dependent arguments left as None (such as vocab_size) is
         # built in setup(), once the datamodule is known.
-        self.model: Optional[HBLLModel] = None
+        self.model: Optional[HBLLModel | RecurrentHBLL] = None
         if not network.missing_arguments():
             self._build_model()
-        depths = range(Tree(network.num_blocks).depth + 1)
+        depths = range(len(("sequential", "tree")) if self.recurrent else Tree(network.num_blocks).depth + 1)
         self.eval_loss = nn.ModuleList(MeanMetric() for _ in depths)
         self.eval_accuracy = nn.ModuleList(MeanMetric() for _ in depths)
 
@@ -177,6 +203,19 @@ class HBLLModule(LightningModule):
         of them are in this one.
         """
         hp = self.hparams
+        if self.recurrent:
+            if comm is not None:
+                raise NotImplementedError(
+                    "a recurrent network trains in one process: its leaves share one cell, so the tree "
+                    "over time does not split across processes; run with devices=1"
+                )
+            return build_recurrent_engine(
+                self.method,
+                self.objective,
+                consistency_sweeps=hp.consistency_sweeps,
+                sweeps_from=hp.sweeps_from,
+                lookahead_weight=hp.get("lookahead_weight", 1.0),
+            )
         return build_engine(
             self.method,
             self.objective,
@@ -190,6 +229,10 @@ class HBLLModule(LightningModule):
         )
 
     def forward(self, x: torch.Tensor, depth: Optional[int] = None) -> torch.Tensor:
+        if self.recurrent:
+            if depth is not None:
+                raise ValueError("a recurrent network runs step by step; read coarse states with model.cut_state(x, depth)")
+            return self.model(x)
         return self.model(x, depth=depth)
 
     # Training -------------------------------------------------------------------------
@@ -243,8 +286,25 @@ class HBLLModule(LightningModule):
         }
         self.log_dict(node_values, batch_size=batch_size)
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Lightning calls this after the optimizer step, so the time covers the whole step.
+        if self._step_started is not None:
+            self._step_times.append(time.perf_counter() - self._step_started)
+            self._step_started = None
+
+    def mean_step_time(self, skip: int = 5) -> Optional[float]:
+        """The mean wall time of a training step, leaving out the first ``skip`` (warm-up) steps."""
+        times = self._step_times[skip:] if len(self._step_times) > skip else self._step_times
+        return sum(times) / len(times) if times else None
+
     def configure_optimizers(self) -> dict:
-        groups = level_param_groups(self.model, self.hparams.lr, self.hparams.level_lr_scale)
+        if self.recurrent:
+            groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.hparams.lr}]
+        else:
+            groups = level_param_groups(self.model, self.hparams.lr, self.hparams.level_lr_scale)
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         if self.hparams.lr_schedule == "constant" and self.hparams.warmup_steps == 0:
             return {"optimizer": optimizer}
@@ -279,6 +339,8 @@ class HBLLModule(LightningModule):
 
     def _evaluate_depths(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         x, y = batch
+        if self.recurrent:
+            return self._evaluate_paths(x, y)
         hidden_states = self.model.stem(x)
         # Weight by the number of predictions so the epoch mean is per token or per image.
         weight = float(y.numel())
@@ -287,28 +349,53 @@ class HBLLModule(LightningModule):
             self.eval_loss[depth].update(self.objective.task_loss(logits, y), weight)
             self.eval_accuracy[depth].update((logits.argmax(-1) == y).float().mean(), weight)
 
+    def _evaluate_paths(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        # The exact sequential RNN, and the tree's estimates of every state with the
+        # training's sweeps: L + K + 1 rounds.
+        model, weight = self.model, float(y.numel())
+        estimates = model.approximate_states(x, sweeps=self.hparams.consistency_sweeps)
+        for row, states in enumerate((model.sequence_states(x), estimates)):
+            logits = model.head(torch.stack([model.readout(state) for state in states], dim=1))
+            self.eval_loss[row].update(self.objective.task_loss(logits, y), weight)
+            self.eval_accuracy[row].update((logits.argmax(-1) == y).float().mean(), weight)
+
+    def eval_rows(self) -> list[tuple[str, dict]]:
+        """The evaluated networks as ``(key, description)``: level cuts, or a recurrent net's two paths."""
+        if self.recurrent:
+            steps = self.model.num_blocks
+            return [
+                ("sequential", {"path": "sequential", "num_modules": steps}),
+                ("tree", {"path": "tree", "num_modules": self.model.depth + self.hparams.consistency_sweeps + 1}),
+            ]
+        return [
+            (f"depth{depth}", {"depth": depth, "num_modules": len(self.model.tree.level_cut(depth))})
+            for depth in range(self.model.depth + 1)
+        ]
+
     def _log_depth_metrics(self, stage: str) -> None:
         # compute() already averages over processes, so the values go out as plain floats.
-        for depth in range(self.model.depth + 1):
-            loss = float(self.eval_loss[depth].compute())
-            metrics = {f"{stage}/depth{depth}/loss": loss}
+        rows = self.eval_rows()
+        main_row = 0 if self.recurrent else len(rows) - 1
+        for index, (key, _) in enumerate(rows):
+            loss = float(self.eval_loss[index].compute())
+            metrics = {f"{stage}/{key}/loss": loss}
             if self.task == "language_modeling":
-                metrics[f"{stage}/depth{depth}/perplexity"] = math.exp(loss)
+                metrics[f"{stage}/{key}/perplexity"] = math.exp(loss)
+                if self.network.metric == "bits_per_char":
+                    metrics[f"{stage}/{key}/bits_per_char"] = loss / math.log(2)
             else:
-                metrics[f"{stage}/depth{depth}/accuracy"] = float(self.eval_accuracy[depth].compute())
-            self.log_dict(metrics, prog_bar=depth == self.model.depth)
-            self.eval_loss[depth].reset()
-            self.eval_accuracy[depth].reset()
+                metrics[f"{stage}/{key}/accuracy"] = float(self.eval_accuracy[index].compute())
+            self.log_dict(metrics, prog_bar=index == main_row)
+            self.eval_loss[index].reset()
+            self.eval_accuracy[index].reset()
 
     def depth_metrics(self, stage: str) -> list[dict[str, float]]:
-        """Read the last logged metrics of ``stage`` for every level cut from the trainer."""
+        """Read the last logged metrics of ``stage`` for every evaluated network from the trainer."""
         metrics = self.trainer.callback_metrics
         rows = []
-        for depth in range(self.model.depth + 1):
-            row = {"depth": depth, "num_modules": len(self.model.tree.level_cut(depth))}
-            for key, value in metrics.items():
-                prefix = f"{stage}/depth{depth}/"
-                if key.startswith(prefix):
-                    row[key[len(prefix):]] = float(value)
+        for key, description in self.eval_rows():
+            row = dict(description)
+            prefix = f"{stage}/{key}/"
+            row.update({name[len(prefix):]: float(value) for name, value in metrics.items() if name.startswith(prefix)})
             rows.append(row)
         return rows

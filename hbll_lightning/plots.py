@@ -8,7 +8,11 @@ __all__ = ["plot_depth_metric"]
 
 
 def plot_depth_metric(report: dict, path: Path) -> Path:
-    """Plot the test metric of every method against the number of modules in each level cut."""
+    """Plot the test metric of every method against the number of modules in each level cut.
+
+    A recurrent network's report has evaluation paths instead of level cuts, and gets
+    grouped bars per method.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,6 +21,13 @@ def plot_depth_metric(report: dict, path: Path) -> Path:
     metric = report["metric"]
     scale = 100.0 if metric == "accuracy" else 1.0
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    first = next(iter(report["methods"].values()))["test"]
+    if first and "path" in first[0]:
+        _plot_paths(ax, report, metric)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return path
     for method, result in report["methods"].items():
         rows = [row for row in result["test"] if metric in row]
         sizes = [row["num_modules"] for row in rows]
@@ -34,3 +45,22 @@ def plot_depth_metric(report: dict, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _plot_paths(ax, report: dict, metric: str) -> None:
+    # A recurrent net has no level cuts: one bar per method and evaluation path.
+    methods = list(report["methods"])
+    paths = [row["path"] for row in report["methods"][methods[0]]["test"]]
+    width = 0.8 / len(paths)
+    for index, name in enumerate(paths):
+        values = [
+            next((row.get(metric, float("nan")) for row in report["methods"][m]["test"] if row["path"] == name), float("nan"))
+            for m in methods
+        ]
+        positions = [k + (index - (len(paths) - 1) / 2) * width for k in range(len(methods))]
+        ax.bar(positions, values, width, label=f"{name} path")
+    ax.set_xticks(range(len(methods)), methods)
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title(f"Test {metric} of each method")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend()

@@ -146,6 +146,11 @@ class HBLLStrategy(DDPStrategy):
         # Called while fitting with several processes, after the model moved to its
         # device and before the optimizers exist.
         module = self.lightning_module
+        if getattr(module, "recurrent", False):
+            raise NotImplementedError(
+                "strategy='hbll' trains a recurrent network in one process: all its leaves share one cell, "
+                "so the tree over time does not split across processes; run with devices=1"
+            )
         tree_groups = 1 if module.method == "backprop" else self.tree_groups
         self.parallel = TreeParallel(module.model, tree_groups, self.placement, device=self.root_device)
         self.engine = module.build_engine(comm=self.parallel.comm)

@@ -140,7 +140,7 @@ def test_cli_smoke_caps_warmup(job_files, tmp_path):
 def test_cli_unknown_method_names_choices(job_files, tmp_path, capsys):
     config, data_dir = job_files
     assert _run(config, data_dir, tmp_path / "out", "--methods", "[sgd]") == 2
-    assert "methods must be a non-empty list of ['hbll', 'backprop'], got ['sgd']" in capsys.readouterr().err
+    assert "methods: method must be 'hbll', 'backprop' or 'tbptt<k>'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
