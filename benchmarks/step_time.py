@@ -44,7 +44,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -198,6 +198,26 @@ def _saved_tensors_of_graph(root: Optional[torch.autograd.graph.Node]) -> dict[t
     return found
 
 
+def run_counting_saved_bytes(compute: Callable[[], Any], parameters: Iterable[torch.Tensor]) -> tuple[Any, int]:
+    """Run ``compute()`` and return its result and the bytes of the tensors it saved for backward.
+
+    Bytes are those of the distinct storages that the saved tensors live in, without
+    the storages of ``parameters``.
+    """
+    excluded = {_storage_key(p) for p in parameters}
+    saved: dict[tuple[int, int], int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(tensor)
+        if key not in excluded:
+            saved[key] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = compute()
+    return result, sum(saved.values())
+
+
 def measure_saved_activations(
     engine: ReferenceEngine | BackpropEngine, model: HBLLModel, x: torch.Tensor, y: torch.Tensor, parameters: Iterable[torch.Tensor]
 ) -> tuple[Any, int, Optional[int]]:
@@ -211,18 +231,9 @@ def measure_saved_activations(
     equals the whole step for backprop, whose network is one graph. It is None for the
     fused engine, whose stacked calls join the graphs of every node of a round.
     """
+    parameters = list(parameters)
+    result, total = run_counting_saved_bytes(lambda: engine.compute_losses(model, x, y), parameters)
     excluded = {_storage_key(p) for p in parameters}
-    saved: dict[tuple[int, int], int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        key = _storage_key(tensor)
-        if key not in excluded:
-            saved[key] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        result = engine.compute_losses(model, x, y)
-    total = sum(saved.values())
     if isinstance(engine, FusedEngine):
         return result, total, None
     if isinstance(engine, BackpropEngine):
