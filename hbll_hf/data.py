@@ -16,7 +16,7 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from hbll_lightning.data.text import _join_documents, _split_documents, _tokenize, check_fractions, load_corpus
+from hbll_lightning.data.text import _join_documents, _split_documents, _tokenize_gpt2, check_fractions, load_corpus
 
 __all__ = ["SPLITS", "lm_datasets"]
 
@@ -76,7 +76,7 @@ def lm_datasets(
             with a positive fraction that holds less than one block.
     """
     _check_arguments(tokenizer, block_size, max_train_tokens, max_eval_tokens, val_fraction, test_fraction)
-    documents = _tokenize(load_corpus(corpus, data_files), tokenizer)
+    documents = _tokenize_gpt2(load_corpus(corpus, data_files), tokenizer)
     split_index = _split_documents(len(documents), val_fraction, test_fraction, seed=seed)
 
     caps = {"train": max_train_tokens, "validation": max_eval_tokens, "test": max_eval_tokens}
