@@ -62,7 +62,7 @@ LENGTHS = (16, 32, 64, 128, 256, 512)
 
 def time_steps(length: int, method: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    network = CharRNN(length, args.vocab, args.cell, args.embedding_dim, args.hidden_size, args.lookahead)
+    network = CharRNN(length, args.vocab, args.cell, args.embedding_dim, args.hidden_size, args.lookahead, args.leaf_steps)
     model = network.build_model()
     engine = build_recurrent_engine(method)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -99,7 +99,7 @@ def step_time(args: argparse.Namespace) -> dict:
     lines = [
         f"Step time, {header['machine']}, torch {header['torch']}, {header['threads']} threads, {header['date']}",
         f"{args.cell.upper()} cell, hidden {args.hidden_size}, embedding {args.embedding_dim}, batch {args.batch_size}, "
-        f"lookahead {args.lookahead}, median of {args.repeats} steps",
+        f"lookahead {args.lookahead}, {args.leaf_steps} steps per leaf, median of {args.repeats} steps",
         "",
         "| T | method | step time ÷ BPTT | saved activations (MiB) | critical path |",
         "|---|---|---|---|---|",
@@ -195,11 +195,12 @@ def relative_error(estimate, exact) -> float:
 
 
 def cut_evaluations(model: RecurrentHBLL, length: int, depth: int) -> int:
-    """The sequential evaluations of ``model.cut_state`` at ``depth`` over ``length`` steps."""
+    """Count the sequential evaluations of ``model.cut_state`` at ``depth`` over ``length`` steps."""
     count = 0
     for start in range(0, length, model.max_steps):
-        tree = model.tree_for(min(model.max_steps, length - start))
-        count += len(tree.level_cut(min(depth, tree.depth)))
+        window = min(model.max_steps, length - start)
+        tree = model.tree_for(window)
+        count += model.sequential_evaluations(tree.level_cut(min(depth, tree.depth)), window)
     return count
 
 
@@ -252,7 +253,7 @@ def inference(args: argparse.Namespace) -> dict:
         sweep_rows.append(
             {
                 "sweeps": sweeps,
-                "rounds": model.depth + sweeps + 1,
+                "rounds": model.depth + (sweeps + 1) * model.leaf_steps,
                 "mean_relative_error": statistics.mean(errors),
                 "last_step_relative_error": errors[-1],
                 "bits_per_char": float(loss) / math.log(2),
@@ -300,6 +301,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     steps.add_argument("--embedding-dim", type=int, default=64)
     steps.add_argument("--hidden-size", type=int, default=256)
     steps.add_argument("--lookahead", type=int, default=0)
+    steps.add_argument("--leaf-steps", type=int, default=1, help="time steps per HBLL leaf")
     steps.add_argument("--repeats", type=int, default=5)
     steps.add_argument("--warmup", type=int, default=2)
     copy = commands.add_parser("copy-task", help="memory: learn to output the token from a few steps back")

@@ -321,6 +321,8 @@ class CharRNN(NetworkSpec):
         cell: ``"gru"`` or ``"lstm"``.
         embedding_dim: width of the cell's input.
         hidden_size: width of the cell's state.
+        leaf_steps: the time steps of one leaf, which trains on them with backprop
+            through time from its message (see ``RecurrentHBLL``).
         lookahead: the number of lookahead heads, which train the state to carry
             information to later steps (see ``RecurrentHBLL``).
     """
@@ -338,6 +340,7 @@ class CharRNN(NetworkSpec):
         embedding_dim: int = 64,
         hidden_size: int = 256,
         lookahead: int = 0,
+        leaf_steps: int = 1,
     ) -> None:
         super().__init__(max_steps)
         if cell not in ("gru", "lstm"):
@@ -348,6 +351,7 @@ class CharRNN(NetworkSpec):
         self.embedding_dim = embedding_dim
         self.hidden_size = hidden_size
         self.lookahead = lookahead
+        self.leaf_steps = leaf_steps
 
     def config(self) -> dict:
         config = super().config()
@@ -367,5 +371,6 @@ class CharRNN(NetworkSpec):
             nn.Linear(self.hidden_size, self.vocab_size),
             max_steps=self.max_steps,
             lookahead=self.lookahead,
+            leaf_steps=self.leaf_steps,
             **kwargs,
         )

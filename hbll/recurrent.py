@@ -3,7 +3,8 @@
 The tree goes over the T time steps of a sequence instead of over N blocks:
 
 - a leaf ``[t, t + 1)`` is one step of the cell, ``h_{t+1} = cell(x_t, h_t)``, and all
-  leaves share the cell's weights, so their local gradients add up in the one cell;
+  leaves share the cell's weights, so their local gradients add up in the one cell.
+  With ``leaf_steps=k`` a leaf is k steps that it trains with backprop through time;
 - an internal node over ``[a, b)`` has a shortcut that maps ``(h_a, x_{a:b})`` to
   ``h_b``: a fresh copy of the cell applied once to a parallel summary of the span's
   inputs (``SpanPooling``). Spans of one length scale share one shortcut, so the model
@@ -219,6 +220,10 @@ class RecurrentHBLL(nn.Module):
         shortcut_factory: builds the shortcut of scale k, which serves the spans of
             length ``2**(k-1) + 1`` to ``2**k``, as ``factory(k)``. It is called as
             ``shortcut(state, inputs, spans)``. By default a ``SpanShortcut``.
+        leaf_steps: k, the time steps of one leaf. With k > 1 a leaf runs the cell over k
+            steps from its message and backpropagates through them, so each leaf trains
+            like truncated BPTT over k steps while the tree, now over ``ceil(T / k)``
+            leaves, supplies the starting states. The critical path grows by about 2k.
         lookahead: h, the number of lookahead heads. Head j (1 … h) reads the state after
             step t and predicts the target of step t + j, before the cell has seen the
             inputs in between. It trains the cell to keep in its state what later
@@ -241,12 +246,16 @@ class RecurrentHBLL(nn.Module):
         initial_state: Optional[Callable[[int, torch.Tensor], State]] = None,
         readout: Optional[Callable[[State], torch.Tensor]] = None,
         shortcut_factory: Optional[Callable[[int], nn.Module]] = None,
+        leaf_steps: int = 1,
         lookahead: int = 0,
         init_sigma: float = 1.0,
         learn_sigma: bool = True,
     ) -> None:
         super().__init__()
-        self.tree = Tree(max_steps)
+        if leaf_steps < 1:
+            raise ValueError(f"leaf_steps must be >= 1, got {leaf_steps}")
+        self.leaf_steps = leaf_steps
+        self.tree = Tree(math.ceil(max_steps / leaf_steps))
         if lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {lookahead}")
         if init_sigma <= 0:
@@ -272,7 +281,8 @@ class RecurrentHBLL(nn.Module):
         self.lookahead_heads = nn.ModuleList(fresh_copy(head) for _ in range(lookahead))
         self.max_steps = max_steps
         factory = shortcut_factory or (lambda scale: SpanShortcut(cell, input_size, max_steps))
-        scales = range(1, self.tree.depth + 1)
+        # Scale s serves spans of 2**(s-1) + 1 to 2**s steps; internal nodes span two leaves or more.
+        scales = range(math.ceil(math.log2(leaf_steps + 1)), math.ceil(math.log2(max_steps)) + 1) if self.tree.depth else range(0)
         self.shortcuts = nn.ModuleDict({str(scale): factory(scale) for scale in scales})
         self.log_sigma = nn.ParameterDict(
             {
@@ -281,6 +291,8 @@ class RecurrentHBLL(nn.Module):
             }
         )
         self._trees: dict[int, Tree] = {max_steps: self.tree}
+        if self.tree.num_blocks > 1 and not self.shortcuts:
+            raise ValueError(f"max_steps={max_steps} and leaf_steps={leaf_steps} leave no shortcut scale")
 
     def tree_config(self) -> dict:
         """Describe the tree over time for a checkpoint: T, L and the shortcut scales."""
@@ -289,6 +301,7 @@ class RecurrentHBLL(nn.Module):
             "depth": self.depth,
             "exit_heads": "shared",
             "over_time": True,
+            "leaf_steps": self.leaf_steps,
             "lookahead": len(self.lookahead_heads),
             "shortcut_scales": sorted(int(scale) for scale in self.shortcuts),
         }
@@ -302,16 +315,28 @@ class RecurrentHBLL(nn.Module):
     def depth(self) -> int:
         return self.tree.depth
 
-    @staticmethod
-    def scale(node: Node) -> int:
-        """The shortcut scale of an internal node: ``ceil(log2(span length))``."""
-        return math.ceil(math.log2(node.size))
-
     def tree_for(self, num_steps: int) -> Tree:
-        """The tree over ``num_steps`` time steps."""
+        """Return the tree over the ``ceil(num_steps / leaf_steps)`` leaves of a sequence of ``num_steps`` steps."""
         if num_steps not in self._trees:
-            self._trees[num_steps] = Tree(num_steps)
+            self._trees[num_steps] = Tree(math.ceil(num_steps / self.leaf_steps))
         return self._trees[num_steps]
+
+    def step_span(self, node: Node, num_steps: int) -> Span:
+        """Return the time steps ``[a, b)`` of a node in a sequence of ``num_steps`` steps."""
+        return node.start * self.leaf_steps, min(node.end * self.leaf_steps, num_steps)
+
+    def scale(self, node: Node, num_steps: int) -> int:
+        """Return the shortcut scale of an internal node: ``ceil(log2(steps of its span))``."""
+        start, end = self.step_span(node, num_steps)
+        return math.ceil(math.log2(end - start))
+
+    def sequential_evaluations(self, nodes: Sequence[Node], num_steps: int) -> int:
+        """Count the module evaluations of running ``nodes`` one after another: k per leaf, 1 per shortcut."""
+        count = 0
+        for node in nodes:
+            start, end = self.step_span(node, num_steps)
+            count += end - start if node.is_leaf else 1
+        return count
 
     def encode(self, x: torch.Tensor, tree_length: bool = True) -> torch.Tensor:
         """Run the stem and check that its output is a non-empty sequence ``(B, T, E)``.
@@ -334,36 +359,57 @@ class RecurrentHBLL(nn.Module):
     def initial_state(self, batch_size: int, like: torch.Tensor) -> State:
         return self._initial_state(batch_size, like)
 
-    def node_module(self, node: Node) -> nn.Module:
-        """The cell for a leaf, the shortcut of the node's scale otherwise."""
-        return self.cell if node.is_leaf else self.shortcuts[str(self.scale(node))]
 
     def frozen_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Apply the head through detached parameters: gradient reaches ``hidden_states`` only."""
         params = {name: p.detach() for name, p in self.head.named_parameters()}
         return functional_call(self.head, {**params, **dict(self.head.named_buffers())}, (hidden_states,))
 
+    def run_leaves(self, leaves: Sequence[Node], states: Sequence[State], inputs: torch.Tensor) -> list[list[State]]:
+        """Run the cell over every leaf's steps from its state; return each leaf's states after each step.
+
+        Leaves of one length run together: one batched cell call per step of a leaf.
+        """
+        num_steps = inputs.shape[1]
+        groups: dict[int, list[int]] = {}
+        for k, leaf in enumerate(leaves):
+            start, end = self.step_span(leaf, num_steps)
+            groups.setdefault(end - start, []).append(k)
+        results: list[list[State]] = [[] for _ in leaves]
+        where = f"the cell ({type(self.cell).__name__})"
+        for length, members in groups.items():
+            state = cat_states([states[k] for k in members])
+            starts = torch.tensor([leaves[k].start * self.leaf_steps for k in members], device=inputs.device)
+            for offset in range(length):
+                step_inputs = inputs[:, starts + offset].transpose(0, 1).reshape(-1, inputs.shape[-1])
+                output = self.cell(step_inputs, state)
+                check_state(where, state, output)
+                state = output
+                for k, part in zip(members, split_state(state, len(members))):
+                    results[k].append(part)
+        return results
+
     def run_nodes(self, nodes: Sequence[Node], states: Sequence[State], inputs: torch.Tensor) -> list[State]:
         """Return ``M_v(state_v, x_{span v})`` for every node, one batched call per module.
 
-        ``states[k]`` is the state at the start of ``nodes[k]``. All leaves run as one
-        cell call and all internal nodes of one scale as one shortcut call.
+        ``states[k]`` is the state at the start of ``nodes[k]``. The leaves run together
+        (see ``run_leaves``) and all internal nodes of one scale as one shortcut call.
         """
+        num_steps = inputs.shape[1]
         groups: dict[int, list[int]] = {}
         for k, node in enumerate(nodes):
-            groups.setdefault(0 if node.is_leaf else self.scale(node), []).append(k)
+            groups.setdefault(0 if node.is_leaf else self.scale(node, num_steps), []).append(k)
         results: list[Optional[State]] = [None] * len(nodes)
         for scale, members in groups.items():
-            state = cat_states([states[k] for k in members])
             if scale == 0:
-                steps = torch.tensor([nodes[k].start for k in members], device=inputs.device)
-                output = self.cell(inputs[:, steps].transpose(0, 1).reshape(-1, inputs.shape[-1]), state)
-                where = f"the cell ({type(self.cell).__name__})"
-            else:
-                spans = [(nodes[k].start, nodes[k].end) for k in members]
-                output = self.shortcuts[str(scale)](state, inputs, spans)
-                where = f"the shortcut of scale {scale}"
-            check_state(where, state, output)
+                leaf_states = self.run_leaves([nodes[k] for k in members], [states[k] for k in members], inputs)
+                for k, steps in zip(members, leaf_states):
+                    results[k] = steps[-1]
+                continue
+            state = cat_states([states[k] for k in members])
+            spans = [self.step_span(nodes[k], num_steps) for k in members]
+            output = self.shortcuts[str(scale)](state, inputs, spans)
+            check_state(f"the shortcut of scale {scale}", state, output)
             for k, part in zip(members, split_state(output, len(members))):
                 results[k] = part
         return results
@@ -380,17 +426,18 @@ class RecurrentHBLL(nn.Module):
         return states
 
     def forward(self, x: torch.Tensor, state: Optional[State] = None) -> torch.Tensor:
-        """The sequential RNN: the head's output at every step, ``(B, T, ...)``."""
+        """Run the sequential RNN and return the head's output at every step, ``(B, T, ...)``."""
         readouts = [self.readout(s) for s in self.sequence_states(x, state)]
         return self.head(torch.stack(readouts, dim=1))
 
     def cut_state(
         self, x: torch.Tensor, depth: Optional[int] = None, cut: Optional[CutLike] = None, state: Optional[State] = None
     ) -> State:
-        """The state after the whole sequence, through the node modules of a cut in span order.
+        """Return the state after the whole sequence, through the node modules of a cut in span order.
 
-        Level cut ``depth`` takes ``|C_depth|`` sequential evaluations instead of T: one
-        for ``depth=0`` (the root shortcut), T for the leaves, which is exact. A sequence
+        Level cut ``depth`` takes one evaluation per shortcut and ``leaf_steps`` per leaf
+        instead of T: one for ``depth=0`` (the root shortcut), T for the leaves, which is
+        exact. A sequence
         longer than ``max_steps`` runs in windows of ``max_steps`` steps, each through
         its own tree's level cut ``min(depth, L)``, so ``depth=0`` takes one evaluation
         per window. An explicit ``cut`` needs ``T <= max_steps``.
@@ -413,15 +460,17 @@ class RecurrentHBLL(nn.Module):
     def approximate_states(self, x: torch.Tensor, sweeps: int = 0, state: Optional[State] = None) -> list[State]:
         """Estimates of the states at boundaries 1 … T from the tree messages.
 
-        The messages take ``ceil(log2 T)`` rounds and each of ``sweeps`` Jacobi sweeps one
-        more; a final round applies the cell at every step at once. With ``sweeps >= T - 1``
-        the result equals ``sequence_states``.
+        The messages take ``L`` rounds and each of ``sweeps`` Jacobi sweeps one more (of
+        ``leaf_steps`` steps); a final round runs every leaf from its message. With
+        ``sweeps`` at least the number of leaves minus one, the result equals
+        ``sequence_states``.
         """
         inputs = self.encode(x)
         tree = self.tree_for(inputs.shape[1])
         state = self.initial_state(inputs.shape[0], inputs) if state is None else state
         messages, _ = tree_messages(self, tree, inputs, state, sweeps)
-        return self.run_nodes(tree.leaves, [messages[leaf] for leaf in tree.leaves], inputs)
+        leaf_states = self.run_leaves(tree.leaves, [messages[leaf] for leaf in tree.leaves], inputs)
+        return [step for steps in leaf_states for step in steps]
 
 
 def tree_messages(
@@ -455,7 +504,10 @@ def tree_messages(
                 messages.update(dict.fromkeys(tree.left_spine(right), message))
         leaves = tree.leaves
         for sweep in range(min(sweeps, len(leaves) - 1)):
+            # A sweep is one synchronous round of leaf_steps sequential cell steps.
             round_task = graph.add(f"sweep {sweep}", [tasks[leaf] for leaf in leaves])
+            for step in range(1, model.leaf_steps):
+                round_task = graph.add(f"sweep {sweep} step {step}", [round_task])
             refined = model.run_nodes(leaves[:-1], [messages[leaf] for leaf in leaves[:-1]], inputs)
             for leaf, message in zip(leaves[1:], refined):
                 messages[leaf] = message
@@ -533,27 +585,35 @@ class RecurrentEngine:
         nodes = tree.nodes
         leaves = [node for node in nodes if node.is_leaf]
         internal = [node for node in nodes if not node.is_leaf]
-        # Leaves read the inputs with their graph, shortcuts read them detached.
-        outputs = dict(zip(leaves, model.run_nodes(leaves, [messages[n] for n in leaves], inputs)))
+        # Leaves read the inputs with their graph, shortcuts read them detached. A leaf
+        # of k steps keeps the state after each step for its per-step losses.
+        leaf_states = model.run_leaves(leaves, [messages[n] for n in leaves], inputs)
+        step_states = [state for _, states in sorted(zip(leaves, leaf_states)) for state in states]
+        outputs = {leaf: states[-1] for leaf, states in zip(leaves, leaf_states)}
         outputs.update(zip(internal, model.run_nodes(internal, [messages[n] for n in internal], inputs.detach())))
-        output_tasks = {node: graph.add(f"forward {node}", [message_tasks[node]]) for node in nodes}
+        output_tasks = {}
+        for node in nodes:
+            task = graph.add(f"forward {node}", [message_tasks[node]])
+            for step in range(1, model.sequential_evaluations([node], num_steps)):
+                task = graph.add(f"forward {node} step {step}", [task])
+            output_tasks[node] = task
 
         parts: dict[str, dict[str, torch.Tensor]] = {}
         total = inputs.new_zeros(())
-        exits = self._exit_terms(model, objective, outputs, leaves, internal, y)
+        exits = self._exit_terms(model, objective, outputs, step_states, internal, y)
         for group, (count, value) in exits.items():
             parts.setdefault(group, {})["exit"] = value.detach()
             total = total + objective.exit_weight * count * value
         if self.lookahead_weight > 0 and len(model.lookahead_heads) and num_steps > 1:
-            lookahead = self._lookahead_term(model, objective, outputs, leaves, y)
+            lookahead = self._lookahead_term(model, objective, step_states, y)
             parts.setdefault("leaves", {})["lookahead"] = lookahead.detach() / num_steps
             total = total + self.lookahead_weight * lookahead
         if objective.consistency_weight > 0 and internal:
-            for group, value in self._consistency_terms(model, objective, outputs, tree, internal).items():
+            for group, value in self._consistency_terms(model, objective, outputs, tree, internal, num_steps).items():
                 parts.setdefault(group, {})["consistency"] = value.detach() / _level_size(tree, group)
                 total = total + objective.consistency_weight * value
         uses_lookahead = self.lookahead_weight > 0 and len(model.lookahead_heads) > 0
-        self._record_backward(tree, graph, output_tasks, objective, uses_lookahead)
+        self._record_backward(model, tree, num_steps, graph, output_tasks, objective, uses_lookahead)
         return StepResult(total, parts, graph.critical_path, messages, task_graph=graph)
 
     def _exit_terms(
@@ -561,39 +621,35 @@ class RecurrentEngine:
         model: RecurrentHBLL,
         objective: ObjectiveConfig,
         outputs: dict[Node, State],
-        leaves: list[Node],
+        step_states: list[State],
         internal: list[Node],
         y: torch.Tensor,
     ) -> dict[str, tuple[int, torch.Tensor]]:
-        # Per level, the number of nodes and their mean exit loss; one head call per kind.
+        # Per group, the number of terms and their mean: one per step for the leaves, which
+        # read the head, and one per internal node for each level, read through the
+        # detached head.
         if objective.exit_weight == 0:
             return {}
-        result = {}
-        for nodes, head in ((leaves, model.head), (internal, model.frozen_head)):
-            if not nodes:
-                continue
-            readouts = torch.stack([model.readout(outputs[node]) for node in nodes])
-            logits = head(readouts)
-            targets = y.transpose(0, 1)[torch.tensor([node.end - 1 for node in nodes], device=y.device)]
-            by_level: dict[int, list[int]] = {}
-            for k, node in enumerate(nodes):
-                by_level.setdefault(node.level, []).append(k)
-            for level, members in by_level.items():
-                index = torch.tensor(members, device=logits.device)
-                value = objective.task_loss(logits[index], targets[index])
-                key = _level_key(level, leaves=head is model.head)
-                count, previous = result.get(key, (0, None))
-                mean = value if previous is None else (previous * count + value * len(members)) / (count + len(members))
-                result[key] = (count + len(members), mean)
+        readouts = torch.stack([model.readout(state) for state in step_states], dim=1)
+        result = {"leaves": (len(step_states), objective.task_loss(model.head(readouts), y))}
+        if not internal:
+            return result
+        num_steps = y.shape[1]
+        logits = model.frozen_head(torch.stack([model.readout(outputs[node]) for node in internal]))
+        ends = [model.step_span(node, num_steps)[1] - 1 for node in internal]
+        targets = y.transpose(0, 1)[torch.tensor(ends, device=y.device)]
+        by_level: dict[int, list[int]] = {}
+        for k, node in enumerate(internal):
+            by_level.setdefault(node.level, []).append(k)
+        for level, members in by_level.items():
+            index = torch.tensor(members, device=logits.device)
+            result[_level_key(level, leaves=False)] = (len(members), objective.task_loss(logits[index], targets[index]))
         return result
 
     @staticmethod
-    def _lookahead_term(
-        model: RecurrentHBLL, objective: ObjectiveConfig, outputs: dict[Node, State], leaves: list[Node], y: torch.Tensor
-    ) -> torch.Tensor:
-        # Head j reads the state after step t and predicts the target of step t + j; summed over leaves.
-        ordered = sorted(leaves, key=lambda node: node.start)
-        readouts = torch.stack([model.readout(outputs[node]) for node in ordered], dim=1)
+    def _lookahead_term(model: RecurrentHBLL, objective: ObjectiveConfig, step_states: list[State], y: torch.Tensor) -> torch.Tensor:
+        # Head j reads the state after step t and predicts the target of step t + j; summed over steps.
+        readouts = torch.stack([model.readout(state) for state in step_states], dim=1)
         total = readouts.new_zeros(())
         num_steps = readouts.shape[1]
         for j, head in enumerate(model.lookahead_heads, start=1):
@@ -602,13 +658,19 @@ class RecurrentEngine:
         return total
 
     def _consistency_terms(
-        self, model: RecurrentHBLL, objective: ObjectiveConfig, outputs: dict[Node, State], tree: Tree, internal: list[Node]
+        self,
+        model: RecurrentHBLL,
+        objective: ObjectiveConfig,
+        outputs: dict[Node, State],
+        tree: Tree,
+        internal: list[Node],
+        num_steps: int,
     ) -> dict[str, torch.Tensor]:
         # All internal nodes at once: node v's coarse half and its right child's fine half.
         rights = [tree.children(node)[1] for node in internal]
         coarse = torch.stack([flat_state(outputs[node]) for node in internal])
         fine = torch.stack([flat_state(outputs[node]) for node in rights])
-        log_sigma = torch.stack([model.log_sigma[str(model.scale(node))] for node in internal])
+        log_sigma = torch.stack([model.log_sigma[str(model.scale(node, num_steps))] for node in internal])
         coarse_terms, fine_terms = consistency_terms(coarse, fine, log_sigma, objective.consistency_lambda, per_row=True)
         sums: dict[str, torch.Tensor] = {}
         for k, (node, right) in enumerate(zip(internal, rights)):
@@ -619,7 +681,13 @@ class RecurrentEngine:
 
     @staticmethod
     def _record_backward(
-        tree: Tree, graph: TaskGraph, output_tasks: dict[Node, Task], objective: ObjectiveConfig, lookahead: bool
+        model: RecurrentHBLL,
+        tree: Tree,
+        num_steps: int,
+        graph: TaskGraph,
+        output_tasks: dict[Node, Task],
+        objective: ObjectiveConfig,
+        lookahead: bool,
     ) -> None:
         loss_deps: dict[Node, list[Task]] = {node: [output_tasks[node]] for node in tree.nodes}
         for node in tree.nodes:
@@ -636,7 +704,10 @@ class RecurrentEngine:
         # backward waits for the leaves, which read it with its graph.
         leaf_backward = []
         for node in tree.nodes:
-            task = graph.add(f"backward {node}", [graph.add(f"backward exit {node}", loss_deps[node])])
+            task = graph.add(f"backward exit {node}", loss_deps[node])
+            # A leaf of k steps backpropagates through its k cell steps.
+            for _ in range(model.sequential_evaluations([node], num_steps)):
+                task = graph.add(f"backward {node}", [task])
             if node.is_leaf:
                 leaf_backward.append(task)
         graph.add("backward stem", leaf_backward)

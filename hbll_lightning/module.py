@@ -365,12 +365,17 @@ class HBLLModule(LightningModule):
             steps = self.model.num_blocks
             return [
                 ("sequential", {"path": "sequential", "num_modules": steps}),
-                ("tree", {"path": "tree", "num_modules": self.model.depth + self.hparams.consistency_sweeps + 1}),
+                ("tree", {"path": "tree", "num_modules": self._tree_path_rounds()}),
             ]
         return [
             (f"depth{depth}", {"depth": depth, "num_modules": len(self.model.tree.level_cut(depth))})
             for depth in range(self.model.depth + 1)
         ]
+
+    def _tree_path_rounds(self) -> int:
+        # L message rounds, then K sweeps and the final leaves of leaf_steps steps each.
+        model = self.model
+        return model.depth + (self.hparams.consistency_sweeps + 1) * model.leaf_steps
 
     def _log_depth_metrics(self, stage: str) -> None:
         # compute() already averages over processes, so the values go out as plain floats.

@@ -297,3 +297,51 @@ def test_long_cut_state_runs_by_window():
         handle.remove()
     with pytest.raises(ValueError, match="max_steps=8"):
         model.cut_state(x, cut=[(0, 20)])
+
+
+def make_chunked_model(cell: str = "gru", steps: int = 32, leaf_steps: int = 4) -> RecurrentHBLL:
+    torch.manual_seed(0)
+    cell_module = nn.GRUCell(EMBED, HIDDEN) if cell == "gru" else nn.LSTMCell(EMBED, HIDDEN)
+    return RecurrentHBLL(
+        nn.Embedding(VOCAB, EMBED), cell_module, nn.Linear(HIDDEN, VOCAB), max_steps=steps, leaf_steps=leaf_steps
+    )
+
+
+@pytest.mark.parametrize("steps", [32, 30])
+def test_chunked_leaves_backprop_inside_each_leaf(steps):
+    # A leaf of 4 steps trains like truncated BPTT over its steps from its detached message.
+    model, (x, y) = make_chunked_model(steps=steps), batch(steps)
+    engine = RecurrentEngine(ObjectiveConfig(consistency_weight=0.0))
+    result = engine.compute_losses(model, x, y)
+    result.loss.backward()
+    engine_grads = cell_grads(model)
+
+    model.zero_grad()
+    for leaf in model.tree_for(steps).leaves:
+        start, end = model.step_span(leaf, steps)
+        state, loss = result.messages[leaf], 0.0
+        for t in range(start, end):
+            state = model.cell(model.stem(x[:, t]), state)
+            loss = loss + F.cross_entropy(model.head(model.readout(state)), y[:, t])
+        loss.backward()
+    for engine_grad, local_grad in zip(engine_grads, cell_grads(model)):
+        torch.testing.assert_close(engine_grad, local_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_critical_path_adds_two_leaf_lengths():
+    model, (x, y) = make_chunked_model(steps=64, leaf_steps=8), batch(64)
+    # 8 leaves: 3 message rounds, 8 steps forward and 8 back, stem, exit and their backward.
+    assert RecurrentEngine().compute_losses(model, x, y).critical_path == 3 + 2 * 8 + 4
+    assert RecurrentEngine(consistency_sweeps=2).compute_losses(model, x, y).critical_path == 3 + 2 * 8 + 4 + 2 * 8
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_chunked_sweeps_give_the_exact_states(cell):
+    model, (x, y) = make_chunked_model(cell, steps=30), batch(30)
+    exact = model.sequence_states(x)
+    for estimate, state in zip(model.approximate_states(x, sweeps=7), exact, strict=True):
+        torch.testing.assert_close(flat_state(estimate), flat_state(state))
+    torch.testing.assert_close(flat_state(model.cut_state(x)), flat_state(exact[-1]))
+    # Level cut 1 of 8 leaves: two shortcuts, one evaluation each.
+    assert model.sequential_evaluations(model.tree_for(30).level_cut(1), 30) == 2
+    assert model.sequential_evaluations(model.tree_for(30).leaves, 30) == 30

@@ -106,7 +106,7 @@ def test_strategy_rejects_plain_lightning_module(tmp_path):
 
 
 def test_module_unknown_method_raises():
-    with pytest.raises(ValueError, match="method must be 'hbll' or 'backprop', got 'dgl'"):
+    with pytest.raises(ValueError, match="method must be 'hbll', 'backprop' or 'tbptt<k>'.*got 'dgl'"):
         _module(method="dgl")
 
 
