@@ -525,26 +525,29 @@ class RecurrentEngine:
 
     - its exit term, the task loss of the head on ``o_v`` against the target of step
       ``b - 1``. Leaves read the head itself, so the per-step losses train it as in any
-      RNN; internal nodes read it through detached parameters;
+      RNN; internal nodes read it through detached parameters. A leaf of k steps
+      (``leaf_steps``) has a per-step loss at each of its steps and backpropagates
+      through them;
     - its consistency term with its right child, both estimates of ``h_b``;
     - for leaves of a model with lookahead heads, ``lookahead_weight`` times the loss of
       head j on the leaf's state against the target j steps later.
 
     The per-step loss trains the state after step t for the target of step t only, and
     no gradient reaches step t from later steps. A state then keeps what the next target
-    needs and no more: a net trained this way cannot learn to copy the input from two
-    steps back. The lookahead heads ask each state for the next h targets as well, so
-    the cell learns to carry information h steps forward, still from one cell step's
-    gradient.
+    needs and no more: with one-step leaves, a net trained this way does not learn to
+    copy the input from one step back. The lookahead heads ask each state for the next
+    h targets as well, so the cell learns to carry information h steps forward, still
+    from one cell step's gradient. Leaves of k steps give credit up to k - 1 steps back.
 
     Leaves read the stem's output with its graph, so the stem learns from the per-step
     losses; shortcuts read it detached. No gradient crosses a node, and none crosses a
-    time step.
+    leaf's boundaries in time.
 
     Args:
         objective: the weights of the exit and consistency terms, with their schedules.
-        consistency_sweeps: K Jacobi sweeps that refine the leaf messages. ``K >= T - 1``
-            gives every leaf its exact state, at the cost of K rounds of critical path.
+        consistency_sweeps: K Jacobi sweeps that refine the leaf messages. K at least the
+            number of leaves minus one gives every leaf its exact state, at the cost of K
+            rounds (of ``leaf_steps`` steps each) of critical path.
         sweeps_from: the fraction of training from which the sweeps run.
         lookahead_weight: the weight of the lookahead heads' losses.
     """
