@@ -296,7 +296,7 @@ class HBLLModule(LightningModule):
             self._step_started = None
 
     def mean_step_time(self, skip: int = 5) -> Optional[float]:
-        """The mean wall time of a training step, leaving out the first ``skip`` (warm-up) steps."""
+        """Return the mean wall time of a training step, leaving out the first ``skip`` (warm-up) steps."""
         times = self._step_times[skip:] if len(self._step_times) > skip else self._step_times
         return sum(times) / len(times) if times else None
 
@@ -360,7 +360,7 @@ class HBLLModule(LightningModule):
             self.eval_accuracy[row].update((logits.argmax(-1) == y).float().mean(), weight)
 
     def eval_rows(self) -> list[tuple[str, dict]]:
-        """The evaluated networks as ``(key, description)``: level cuts, or a recurrent net's two paths."""
+        """Return the evaluated networks as ``(key, description)``: level cuts, or a recurrent net's two paths."""
         if self.recurrent:
             steps = self.model.num_blocks
             return [
