@@ -275,7 +275,8 @@ def inference(args: argparse.Namespace) -> dict:
         )
     lines += [
         "",
-        f"Tree estimates of every step's state over {window} steps (the messages, then one cell step)",
+        f"Tree estimates of every step's state over {window} steps (the messages, then every leaf's "
+        f"{model.leaf_steps} cell steps)",
         "",
         "| sweeps K | rounds | mean state error | last-step state error | bits/char from the estimates |",
         "|---|---|---|---|---|",
@@ -293,31 +294,34 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     steps = commands.add_parser("step-time", help="time one training step per method and sequence length")
-    steps.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
-    steps.add_argument("--methods", nargs="+", default=list(METHODS))
-    steps.add_argument("--batch-size", type=int, default=32)
-    steps.add_argument("--vocab", type=int, default=80)
+    steps.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS), help="sequence lengths T to time")
+    steps.add_argument("--methods", nargs="+", default=list(METHODS), help="hbll, backprop or tbptt<k>")
+    steps.add_argument("--batch-size", type=int, default=32, help="sequences per batch")
+    steps.add_argument("--vocab", type=int, default=80, help="token ids of the random inputs")
     steps.add_argument("--cell", choices=("gru", "lstm"), default="gru")
-    steps.add_argument("--embedding-dim", type=int, default=64)
-    steps.add_argument("--hidden-size", type=int, default=256)
-    steps.add_argument("--lookahead", type=int, default=0)
+    steps.add_argument("--embedding-dim", type=int, default=64, help="width of the cell input")
+    steps.add_argument("--hidden-size", type=int, default=256, help="width of the cell state")
+    steps.add_argument("--lookahead", type=int, default=0, help="lookahead heads of the HBLL model")
     steps.add_argument("--leaf-steps", type=int, default=1, help="time steps per HBLL leaf")
-    steps.add_argument("--repeats", type=int, default=5)
-    steps.add_argument("--warmup", type=int, default=2)
+    steps.add_argument("--repeats", type=int, default=5, help="timed steps; the table gives their median")
+    steps.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
     copy = commands.add_parser("copy-task", help="memory: learn to output the token from a few steps back")
-    copy.add_argument("--lags", type=int, nargs="+", default=[1, 2, 3])
-    copy.add_argument("--lookaheads", type=int, nargs="+", default=[0, 1, 2, 3])
-    copy.add_argument("--length", type=int, default=16)
-    copy.add_argument("--vocab", type=int, default=11)
-    copy.add_argument("--hidden-size", type=int, default=16)
-    copy.add_argument("--train-steps", type=int, default=300)
+    copy.add_argument("--lags", type=int, nargs="+", default=[1, 2, 3], help="how many steps back the target lies")
+    copy.add_argument("--lookaheads", type=int, nargs="+", default=[0, 1, 2, 3], help="lookahead heads to compare")
+    copy.add_argument("--length", type=int, default=16, help="sequence length T")
+    copy.add_argument("--vocab", type=int, default=11, help="token ids")
+    copy.add_argument("--hidden-size", type=int, default=16, help="width of the GRU state")
+    copy.add_argument("--train-steps", type=int, default=300, help="training steps of batch 32 per run")
     infer = commands.add_parser("inference", help="approximate states of a trained checkpoint")
     infer.add_argument("--checkpoint", required=True)
     infer.add_argument("--config", required=True, help="the job config whose data section built the checkpoint's vocabulary")
-    infer.add_argument("--horizons", type=int, nargs="+", default=[128, 512, 2048])
-    infer.add_argument("--continuation", type=int, default=64)
-    infer.add_argument("--sequences", type=int, default=64)
-    infer.add_argument("--sweeps", type=int, nargs="+", default=[0, 1, 2, 4, 8, 127])
+    infer.add_argument("--horizons", type=int, nargs="+", default=[128, 512, 2048], help="prefix lengths to read")
+    infer.add_argument("--continuation", type=int, default=64, help="characters scored after each prefix")
+    infer.add_argument("--sequences", type=int, default=64, help="validation prefixes per length")
+    infer.add_argument(
+        "--sweeps", type=int, nargs="+", default=[0, 1, 2, 4, 8],
+        help="Jacobi sweeps for the tree estimates; the number of leaves minus one gives the exact states",
+    )
     for command in (steps, copy, infer):
         command.add_argument("--threads", type=int, default=1)
         command.add_argument("--json", help="write the results to this file")

@@ -254,6 +254,8 @@ class RecurrentHBLL(nn.Module):
         super().__init__()
         if leaf_steps < 1:
             raise ValueError(f"leaf_steps must be >= 1, got {leaf_steps}")
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, the length of the longest training sequence; got {max_steps}")
         self.leaf_steps = leaf_steps
         self.tree = Tree(math.ceil(max_steps / leaf_steps))
         if lookahead < 0:
@@ -409,7 +411,7 @@ class RecurrentHBLL(nn.Module):
             state = cat_states([states[k] for k in members])
             spans = [self.step_span(nodes[k], num_steps) for k in members]
             output = self.shortcuts[str(scale)](state, inputs, spans)
-            check_state(f"the shortcut of scale {scale}", state, output)
+            check_state(f"the shortcut of scale {scale} (built from a copy of the cell {type(self.cell).__name__})", state, output)
             for k, part in zip(members, split_state(output, len(members))):
                 results[k] = part
         return results

@@ -345,3 +345,16 @@ def test_chunked_sweeps_give_the_exact_states(cell):
     # Level cut 1 of 8 leaves: two shortcuts, one evaluation each.
     assert model.sequential_evaluations(model.tree_for(30).level_cut(1), 30) == 2
     assert model.sequential_evaluations(model.tree_for(30).leaves, 30) == 30
+
+
+def test_shortcut_shape_error_names_the_cell():
+    class GrowingCell(nn.GRUCell):
+        def forward(self, x_t, state):
+            return torch.cat([super().forward(x_t, state), state[:, :1]], dim=1)
+
+    model = RecurrentHBLL(nn.Embedding(VOCAB, EMBED), GrowingCell(EMBED, HIDDEN), nn.Linear(HIDDEN, VOCAB), max_steps=8)
+    x, y = batch(8)
+    with pytest.raises(ValueError, match="shortcut of scale \\d \\(built from a copy of the cell GrowingCell\\)"):
+        RecurrentEngine().compute_losses(model, x, y)
+    with pytest.raises(ValueError, match="max_steps must be >= 1"):
+        RecurrentHBLL(nn.Embedding(VOCAB, EMBED), nn.GRUCell(EMBED, HIDDEN), nn.Linear(HIDDEN, VOCAB), max_steps=0)
