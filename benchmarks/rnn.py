@@ -166,10 +166,11 @@ def copy_task(args: argparse.Namespace) -> dict:
 
 
 def validation_stream(config_path: str) -> torch.Tensor:
-    """The validation characters as one id stream, from the data section of a job config."""
+    """Return the validation characters as one id stream, built from the data section of a job config."""
     from hbll_lightning.data import LMDataModule
 
-    config = yaml.safe_load(open(config_path))
+    with open(config_path) as file:
+        config = yaml.safe_load(file)
     data = LMDataModule(**config["data"]["init_args"])
     data.setup("validate")
     inputs, labels = data.val_dataloader().dataset.tensors
@@ -215,7 +216,7 @@ def inference(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     model = load_checkpoint(args.checkpoint)
     if not isinstance(model, RecurrentHBLL):
-        raise SystemExit(f"{args.checkpoint} holds a {type(model).__name__}, not a recurrent model")
+        raise SystemExit(f"{args.checkpoint} contains a {type(model).__name__}, not a recurrent model; pass a checkpoint of a CharRNN run")
     stream = validation_stream(args.config)
     window = model.max_steps
     rows = []

@@ -107,6 +107,14 @@ class StepResult:
     task_graph: TaskGraph = field(default_factory=TaskGraph)
 
 
+def check_sweep_options(consistency_sweeps: int, sweeps_from: float) -> None:
+    """Raise if the number of Jacobi sweeps or the fraction of training they start at is invalid."""
+    if consistency_sweeps < 0:
+        raise ValueError(f"consistency_sweeps must be >= 0, got {consistency_sweeps}")
+    if not 0.0 <= sweeps_from <= 1.0:
+        raise ValueError(f"sweeps_from must be in [0, 1], got {sweeps_from}")
+
+
 class ReferenceEngine:
     """The HBLL training step, one node at a time in one process.
 
@@ -161,10 +169,7 @@ class ReferenceEngine:
         chained_exit_trains_head: bool = True,
         comm: Optional[NodeComm] = None,
     ) -> None:
-        if consistency_sweeps < 0:
-            raise ValueError(f"consistency_sweeps must be >= 0, got {consistency_sweeps}")
-        if not 0.0 <= sweeps_from <= 1.0:
-            raise ValueError(f"sweeps_from must be in [0, 1], got {sweeps_from}")
+        check_sweep_options(consistency_sweeps, sweeps_from)
         if chain_length < 0:
             raise ValueError(f"chain_length must be >= 0, got {chain_length}")
         if chained_exit_weight < 0:

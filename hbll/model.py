@@ -21,6 +21,7 @@ __all__ = [
     "fresh_block_shortcut",
     "check_hidden_shape",
     "BatchContext",
+    "call_detached",
 ]
 
 ExitHeadPolicy = Literal["local", "shared"]
@@ -62,6 +63,12 @@ def fresh_copy(module: nn.Module) -> nn.Module:
         if callable(reset):
             reset()
     return clone
+
+
+def call_detached(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """Apply ``module`` through detached parameters, so gradient reaches ``inputs`` only."""
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    return functional_call(module, {**params, **dict(module.named_buffers())}, inputs)
 
 
 def fresh_block_shortcut(node: Node, span_blocks: Sequence[nn.Module]) -> nn.Module:
@@ -207,9 +214,7 @@ class HBLLModel(nn.Module):
     def frozen_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Apply the final head through detached parameters: gradient reaches ``hidden_states`` only."""
         # The shared policy reads every boundary this way.
-        params = {name: p.detach() for name, p in self.head.named_parameters()}
-        buffers = dict(self.head.named_buffers())
-        return functional_call(self.head, {**params, **buffers}, (hidden_states,))
+        return call_detached(self.head, hidden_states)
 
     def cut_nodes(self, depth: Optional[int] = None, cut: Optional[CutLike] = None) -> list[Node]:
         """Return the nodes of level cut ``depth``, of an explicit ``cut``, or all leaves."""

@@ -102,7 +102,7 @@ def consistency_terms(
       maximum-likelihood noise scale of the node's own transition and no gradient reaches
       another node's parameters.
 
-    With ``per_row``, the first dimension indexes nodes and ``log_sigma`` holds one value
+    With ``per_row``, the first dimension indexes nodes and ``log_sigma`` contains one value
     per node: both halves come back with one term per node.
     """
 

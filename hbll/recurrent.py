@@ -30,11 +30,10 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from hbll.critical_path import Task, TaskGraph
-from hbll.engine import StepResult
-from hbll.model import fresh_copy
+from hbll.engine import StepResult, check_sweep_options
+from hbll.model import call_detached, fresh_copy
 from hbll.objectives import ObjectiveConfig, consistency_terms
 from hbll.tree import CutLike, Node, Tree
 
@@ -208,8 +207,8 @@ class RecurrentHBLL(nn.Module):
             ``(B, E)``.
         head: maps the readout of a state (``(B, H)`` or ``(B, T, H)``) to the output, such
             as next-token logits.
-        max_steps: the longest sequence the model trains on; it sets the number of
-            shortcut scales, ``ceil(log2 max_steps)``.
+        max_steps: the maximum sequence length the model trains on. It sets the number
+            of shortcut scales, ``ceil(log2 max_steps)``.
         input_size: E; read from ``cell.input_size`` when not given.
         initial_state: ``initial_state(batch_size, like) -> state``, the state before the
             first step (``like`` is the cell input tensor, for device and dtype). torch's
@@ -364,8 +363,7 @@ class RecurrentHBLL(nn.Module):
 
     def frozen_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Apply the head through detached parameters: gradient reaches ``hidden_states`` only."""
-        params = {name: p.detach() for name, p in self.head.named_parameters()}
-        return functional_call(self.head, {**params, **dict(self.head.named_buffers())}, (hidden_states,))
+        return call_detached(self.head, hidden_states)
 
     def run_leaves(self, leaves: Sequence[Node], states: Sequence[State], inputs: torch.Tensor) -> list[list[State]]:
         """Run the cell over every leaf's steps from its state; return each leaf's states after each step.
@@ -566,10 +564,7 @@ class RecurrentEngine:
         if lookahead_weight < 0:
             raise ValueError(f"lookahead_weight must be >= 0, got {lookahead_weight}")
         self.lookahead_weight = lookahead_weight
-        if consistency_sweeps < 0:
-            raise ValueError(f"consistency_sweeps must be >= 0, got {consistency_sweeps}")
-        if not 0.0 <= sweeps_from <= 1.0:
-            raise ValueError(f"sweeps_from must be in [0, 1], got {sweeps_from}")
+        check_sweep_options(consistency_sweeps, sweeps_from)
         self.objective = objective or ObjectiveConfig()
         self.consistency_sweeps = consistency_sweeps
         self.sweeps_from = sweeps_from
@@ -594,6 +589,7 @@ class RecurrentEngine:
         # of k steps keeps the state after each step for its per-step losses.
         leaf_states = model.run_leaves(leaves, [messages[n] for n in leaves], inputs)
         step_states = [state for _, states in sorted(zip(leaves, leaf_states)) for state in states]
+        step_readouts = torch.stack([model.readout(state) for state in step_states], dim=1)
         outputs = {leaf: states[-1] for leaf, states in zip(leaves, leaf_states)}
         outputs.update(zip(internal, model.run_nodes(internal, [messages[n] for n in internal], inputs.detach())))
         output_tasks = {}
@@ -605,19 +601,19 @@ class RecurrentEngine:
 
         parts: dict[str, dict[str, torch.Tensor]] = {}
         total = inputs.new_zeros(())
-        exits = self._exit_terms(model, objective, outputs, step_states, internal, y)
+        exits = self._exit_terms(model, objective, outputs, step_readouts, internal, y)
         for group, (count, value) in exits.items():
             parts.setdefault(group, {})["exit"] = value.detach()
             total = total + objective.exit_weight * count * value
-        if self.lookahead_weight > 0 and len(model.lookahead_heads) and num_steps > 1:
-            lookahead = self._lookahead_term(model, objective, step_states, y)
+        uses_lookahead = self.lookahead_weight > 0 and len(model.lookahead_heads) > 0
+        if uses_lookahead and num_steps > 1:
+            lookahead = self._lookahead_term(model, objective, step_readouts, y)
             parts.setdefault("leaves", {})["lookahead"] = lookahead.detach() / num_steps
             total = total + self.lookahead_weight * lookahead
         if objective.consistency_weight > 0 and internal:
             for group, value in self._consistency_terms(model, objective, outputs, tree, internal, num_steps).items():
                 parts.setdefault(group, {})["consistency"] = value.detach() / _level_size(tree, group)
                 total = total + objective.consistency_weight * value
-        uses_lookahead = self.lookahead_weight > 0 and len(model.lookahead_heads) > 0
         self._record_backward(model, tree, num_steps, graph, output_tasks, objective, uses_lookahead)
         return StepResult(total, parts, graph.critical_path, messages, task_graph=graph)
 
@@ -626,7 +622,7 @@ class RecurrentEngine:
         model: RecurrentHBLL,
         objective: ObjectiveConfig,
         outputs: dict[Node, State],
-        step_states: list[State],
+        step_readouts: torch.Tensor,
         internal: list[Node],
         y: torch.Tensor,
     ) -> dict[str, tuple[int, torch.Tensor]]:
@@ -635,8 +631,7 @@ class RecurrentEngine:
         # detached head.
         if objective.exit_weight == 0:
             return {}
-        readouts = torch.stack([model.readout(state) for state in step_states], dim=1)
-        result = {"leaves": (len(step_states), objective.task_loss(model.head(readouts), y))}
+        result = {"leaves": (step_readouts.shape[1], objective.task_loss(model.head(step_readouts), y))}
         if not internal:
             return result
         num_steps = y.shape[1]
@@ -652,9 +647,8 @@ class RecurrentEngine:
         return result
 
     @staticmethod
-    def _lookahead_term(model: RecurrentHBLL, objective: ObjectiveConfig, step_states: list[State], y: torch.Tensor) -> torch.Tensor:
-        # Head j reads the state after step t and predicts the target of step t + j; summed over steps.
-        readouts = torch.stack([model.readout(state) for state in step_states], dim=1)
+    def _lookahead_term(model: RecurrentHBLL, objective: ObjectiveConfig, readouts: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # Head j reads the state after step t and predicts the target of step t + j, summed over steps.
         total = readouts.new_zeros(())
         num_steps = readouts.shape[1]
         for j, head in enumerate(model.lookahead_heads, start=1):

@@ -24,6 +24,8 @@ __all__ = ["HBLLModule", "ModulesSpec", "PrebuiltModel"]
 
 # "hbll", "backprop", or "tbptt<k>" (truncated backprop through time, recurrent networks only).
 Method = str
+# The evaluated networks of a recurrent model: the cell step by step, and the tree's estimates.
+RECURRENT_PATHS = ("sequential", "tree")
 
 
 class ModulesSpec(NetworkSpec):
@@ -164,7 +166,7 @@ class HBLLModule(LightningModule):
         self.model: Optional[HBLLModel | RecurrentHBLL] = None
         if not network.missing_arguments():
             self._build_model()
-        depths = range(len(("sequential", "tree")) if self.recurrent else Tree(network.num_blocks).depth + 1)
+        depths = range(len(RECURRENT_PATHS) if self.recurrent else Tree(network.num_blocks).depth + 1)
         self.eval_loss = nn.ModuleList(MeanMetric() for _ in depths)
         self.eval_accuracy = nn.ModuleList(MeanMetric() for _ in depths)
 
@@ -363,10 +365,8 @@ class HBLLModule(LightningModule):
         """Return the evaluated networks as ``(key, description)``: level cuts, or a recurrent net's two paths."""
         if self.recurrent:
             steps = self.model.num_blocks
-            return [
-                ("sequential", {"path": "sequential", "num_modules": steps}),
-                ("tree", {"path": "tree", "num_modules": self._tree_path_rounds()}),
-            ]
+            evaluations = {"sequential": steps, "tree": self._tree_path_rounds()}
+            return [(path, {"path": path, "num_modules": evaluations[path]}) for path in RECURRENT_PATHS]
         return [
             (f"depth{depth}", {"depth": depth, "num_modules": len(self.model.tree.level_cut(depth))})
             for depth in range(self.model.depth + 1)

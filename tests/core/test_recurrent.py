@@ -276,8 +276,8 @@ def copy_accuracy(engine, lookahead: int, steps: int = 200) -> float:
 
 
 def test_lookahead_heads_teach_the_cell_to_remember():
-    # The per-step loss never asks the state after step t for x_t, so the copy task
-    # stays at chance; one lookahead head asks for it and the task is learned.
+    # No per-step loss needs x_t from the state after step t, so the copy task stays
+    # at chance. One lookahead head needs it, and the task is learned.
     assert copy_accuracy(RecurrentEngine(consistency_sweeps=16), lookahead=0) < 0.3
     assert copy_accuracy(RecurrentEngine(consistency_sweeps=16), lookahead=1) > 0.9
     assert copy_accuracy(BPTTEngine(), lookahead=0) > 0.9

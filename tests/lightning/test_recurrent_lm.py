@@ -94,7 +94,8 @@ def test_run_compares_methods_and_saves_a_loadable_checkpoint(tmp_path):
     assert [row["path"] for row in hbll["test"]] == ["sequential", "tree"]
     assert hbll["critical_path_per_step"] == 4 + 6
     assert truncated["critical_path_per_step"] == 16 + 4 + 4
-    assert hbll["step_time_s"] > 0 and truncated["step_time_s"] > 0
+    assert hbll["step_time_s"] > 0
+    assert truncated["step_time_s"] > 0
 
     model = load_checkpoint(output / "checkpoint")
     assert isinstance(model, RecurrentHBLL) and len(model.lookahead_heads) == 1
