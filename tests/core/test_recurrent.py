@@ -358,3 +358,18 @@ def test_shortcut_shape_error_names_the_cell():
         RecurrentEngine().compute_losses(model, x, y)
     with pytest.raises(ValueError, match="max_steps must be >= 1"):
         RecurrentHBLL(nn.Embedding(VOCAB, EMBED), nn.GRUCell(EMBED, HIDDEN), nn.Linear(HIDDEN, VOCAB), max_steps=0)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: make_chunked_model(leaf_steps=0), "leaf_steps must be >= 1"),
+        (lambda: RecurrentHBLL(nn.Embedding(VOCAB, EMBED), nn.GRUCell(EMBED, HIDDEN), nn.Linear(HIDDEN, VOCAB), max_steps=8, lookahead=-1), "lookahead must be >= 0"),
+        (lambda: RecurrentEngine(lookahead_weight=-1.0), "lookahead_weight must be >= 0"),
+        (lambda: RecurrentEngine(consistency_sweeps=-1), "consistency_sweeps must be >= 0"),
+        (lambda: BPTTEngine(truncation=0), "truncation must be >= 1"),
+    ],
+)
+def test_invalid_options_raise(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()

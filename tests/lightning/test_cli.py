@@ -144,6 +144,12 @@ def test_cli_unknown_method_names_choices(job_files, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_empty_methods_are_rejected(job_files, tmp_path, capsys):
+    config, data_dir = job_files
+    assert _run(config, data_dir, tmp_path / "out", "--methods", "[]") == 2
+    assert "methods must be a non-empty list" in capsys.readouterr().err
+
+
 def test_cli_unseeded_run_is_rejected(job_files, tmp_path, capsys):
     config, data_dir = job_files
     assert _run(config, data_dir, tmp_path / "out", "--seed_everything", "false") == 2

@@ -57,6 +57,11 @@ def test_truncated_backprop_needs_a_recurrent_network():
         module.build_engine(comm=object())
     with pytest.raises(ValueError, match="consistency_sweeps instead"):
         HBLLModule(CharRNN(max_steps=8, vocab_size=5), chain_length=2)
+    with pytest.raises(ValueError, match="trains at one lr"):
+        HBLLModule(CharRNN(max_steps=8, vocab_size=5), level_lr_scale=0.5)
+    with pytest.raises(ValueError, match="runs step by step"):
+        module(torch.zeros(2, 8, dtype=torch.long), depth=0)
+    assert module(torch.zeros(2, 8, dtype=torch.long)).shape == (2, 8, 5)
 
 
 JOB = """\
