@@ -14,7 +14,6 @@ import logging
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from hbll.recurrent import parse_method
 from hbll_lightning.cli import HBLLCLI
 from hbll_lightning.module import HBLLModule
 from hbll_lightning.plots import plot_depth_metric
+from hbll_lightning.strategy import check_process_count
 
 __all__ = ["run_job", "JobConfigError", "REPORT_NAME"]
 
@@ -48,6 +48,8 @@ class _ComparisonJob:
         self.overwrite = False
         self.staging: Optional[Path] = None
         self.method = ""
+        # With several processes every one runs the whole job; only global rank 0 writes.
+        self.is_main = True
 
     def configure(self, cli: HBLLCLI) -> None:
         """Set the method, seed and log directory of one run before LightningCLI builds it."""
@@ -88,11 +90,16 @@ class _ComparisonJob:
     def run(self) -> dict:
         try:
             report = self._run_methods()
-            self._publish()
+            if self.is_main:
+                self._publish()
         except BaseException:
             if self.staging is not None:
                 shutil.rmtree(self.staging, ignore_errors=True)
             raise
+        if not self.is_main:
+            # Lightning writes logs and files from global rank 0 only, so the other
+            # processes' staging directories hold nothing of the run.
+            shutil.rmtree(self.staging, ignore_errors=True)
         return report
 
     def _run_methods(self) -> dict:
@@ -100,6 +107,8 @@ class _ComparisonJob:
         cli = HBLLCLI(args=list(self.argv), run=False, before_instantiate=self.configure)
         report.update(self._describe_run(cli))
         report["methods"][self.method] = self._train_and_test(cli)
+        # Data-dependent network arguments, such as vocab_size, are known after fit.
+        report["network"] = cli.model.network.config()
         # Later methods reuse the first run's seed, so they start from the same weights and
         # see the same batches.
         for method in self.methods[1:]:
@@ -109,9 +118,10 @@ class _ComparisonJob:
 
         metric = cli.model.network.metric or ("perplexity" if report["task"] == "language_modeling" else "accuracy")
         report["metric"] = metric
-        (self.staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        plot_depth_metric(report, self.staging / f"depth_vs_{metric}.png")
-        print(format_report(report))
+        if self.is_main:
+            (self.staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+            plot_depth_metric(report, self.staging / f"depth_vs_{metric}.png")
+            print(format_report(report))
         return report
 
     def _describe_run(self, cli: HBLLCLI) -> dict:
@@ -131,12 +141,31 @@ class _ComparisonJob:
             "smoke": bool(cli.config.smoke),
         }
 
+    @staticmethod
+    def _check_processes(cli: HBLLCLI) -> None:
+        # Both checks run before Lightning starts any extra process.
+        processes = cli.trainer.num_devices * cli.trainer.num_nodes
+        try:
+            check_process_count(cli.model, processes)
+        except NotImplementedError as error:
+            raise JobConfigError(str(error)) from None
+        start_method = getattr(cli.trainer.strategy, "_start_method", "popen")
+        if processes > 1 and start_method != "popen":
+            raise JobConfigError(
+                f"hbll run needs every process to run the whole job, but start method {start_method!r} runs only "
+                "the training function in the extra processes; use the default strategy 'hbll', or start the "
+                "processes with torchrun"
+            )
+
     def _train_and_test(self, cli: HBLLCLI) -> dict:
         module: HBLLModule = cli.model
+        self._check_processes(cli)
         logger.info("training %s", self.method)
         start = time.perf_counter()
         cli.trainer.fit(module, datamodule=cli.datamodule)
         wall_time = time.perf_counter() - start
+        # The ranks are known once fit has set up the processes.
+        self.is_main = cli.trainer.is_global_zero
         # The last validation of fit ran on the final weights; read it before testing.
         val_metrics = module.depth_metrics("val")
         cli.trainer.test(module, datamodule=cli.datamodule, verbose=False)
@@ -152,7 +181,7 @@ class _ComparisonJob:
             "tree_depth": module.model.depth,
             "hparams": {k: v for k, v in module.hparams.items()},
         }
-        if self.method == "hbll":
+        if self.method == "hbll" and self.is_main:
             save_checkpoint(module.model, self.staging / "checkpoint", module.network, {"hparams": result["hparams"]})
         return result
 
@@ -204,11 +233,9 @@ def format_report(report: dict) -> str:
 
 
 def run_job(argv: list[str]) -> dict:
-    """Run ``hbll run`` with the given command-line arguments and return the report."""
-    # LightningCLI reads ``args`` here, not the process's argv, which still contains "run".
-    saved_argv = sys.argv
-    sys.argv = sys.argv[:1]
-    try:
-        return _ComparisonJob(argv).run()
-    finally:
-        sys.argv = saved_argv
+    """Run ``hbll run`` with the given command-line arguments and return the report.
+
+    With ``devices > 1`` Lightning starts the other processes by running this process's
+    command line again, so each process runs the whole job in step with the others.
+    """
+    return _ComparisonJob(argv).run()

@@ -32,6 +32,15 @@ __all__ = ["HBLLStrategy", "AtomicCheckpointIO"]
 log = logging.getLogger(__name__)
 
 
+def check_process_count(module: Any, processes: int) -> None:
+    """Raise ``NotImplementedError`` if ``module`` cannot train over ``processes`` processes."""
+    if processes > 1 and getattr(module, "recurrent", False):
+        raise NotImplementedError(
+            "strategy='hbll' trains a recurrent network in one process: all its leaves share one cell, "
+            f"so the tree over time does not split across processes; run with devices=1, not {processes} processes"
+        )
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write a checkpoint to a temporary file and rename it, so no partial file is left behind."""
 
@@ -146,11 +155,7 @@ class HBLLStrategy(DDPStrategy):
         # Called while fitting with several processes, after the model moved to its
         # device and before the optimizers exist.
         module = self.lightning_module
-        if getattr(module, "recurrent", False):
-            raise NotImplementedError(
-                "strategy='hbll' trains a recurrent network in one process: all its leaves share one cell, "
-                "so the tree over time does not split across processes; run with devices=1"
-            )
+        check_process_count(module, self.num_nodes * self.num_processes)
         tree_groups = 1 if module.method == "backprop" else self.tree_groups
         self.parallel = TreeParallel(module.model, tree_groups, self.placement, device=self.root_device)
         self.engine = module.build_engine(comm=self.parallel.comm)

@@ -29,3 +29,32 @@ def write_fashion_mnist(directory: Path, num_train: int, num_test: int, compress
         write_idx(directory / f"{split}-images-idx3-ubyte{suffix}", images, compress)
         write_idx(directory / f"{split}-labels-idx1-ubyte{suffix}", labels, compress)
     return directory
+
+
+# An `hbll run` job of HBLL and backprop on a 3-block network: 5 training steps.
+JOB_CONFIG = """\
+seed_everything: 3
+methods: [hbll, backprop]
+model:
+  network:
+    class_path: hbll.networks.ConvResNet
+    init_args: {num_blocks: 3, width: 8, downsample: 4}
+  lr: 0.01
+data:
+  class_path: hbll_lightning.data.FashionMNISTDataModule
+  init_args: {batch_size: 32, val_size: 40}
+trainer:
+  accelerator: cpu
+  max_epochs: 1
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+"""
+
+
+def write_job_files(directory: Path) -> tuple[Path, Path]:
+    """Write ``JOB_CONFIG`` and its tiny Fashion-MNIST files; return the config and data paths."""
+    data_dir = write_fashion_mnist(directory / "fashion-mnist", num_train=200, num_test=60)
+    config = directory / "job.yaml"
+    config.write_text(JOB_CONFIG)
+    return config, data_dir

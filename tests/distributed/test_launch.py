@@ -7,6 +7,7 @@ its default launcher (the script runs again per rank), ``torchrun`` and
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from hbll.checkpoint import load_checkpoint
+from hbll_lightning.cli import main as cli_main
+from tests.data_files import write_job_files
 from tests.distributed.train_script import build_module, loader, make_trainer
 from tests.distributed.workers import free_port
 
@@ -145,6 +149,29 @@ def test_resume_on_a_different_number_of_processes(first, second, tmp_path):
     trainer = make_trainer(str(tmp_path / "second"), devices=second, start_method="spawn", max_steps=20)
     trainer.fit(resumed, loader(16, 10), ckpt_path=str(checkpoint))
     _assert_same(_parameters(resumed), _parameters(reference))
+
+
+def test_hbll_run_on_two_processes_matches_one_process(tmp_path):
+    # Lightning starts the second process by running the command line again. Each
+    # process runs the whole job of two methods, and only rank 0 writes the output.
+    config, data_dir = write_job_files(tmp_path)
+    arguments = ["run", "--config", str(config), "--data.init_args.data_dir", str(data_dir)]
+    assert cli_main([*arguments, "--output_dir", str(tmp_path / "one")]) == 0
+    result = _run([sys.executable, "-m", "hbll_lightning.cli", *arguments, "--output_dir", str(tmp_path / "two"), "--trainer.devices", "2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 ranks = 2 tree groups × 1 replica" in result.stdout + result.stderr
+    assert result.stdout.count("Results in") == 1
+
+    assert not list(tmp_path.glob(".two.*"))
+    single, double = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two"))
+    assert list(double["methods"]) == ["hbll", "backprop"]
+    for method in single["methods"]:
+        for expected, got in zip(single["methods"][method]["test"], double["methods"][method]["test"]):
+            assert got["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
+    _assert_same(
+        dict(load_checkpoint(tmp_path / "two" / "checkpoint").named_parameters()),
+        dict(load_checkpoint(tmp_path / "one" / "checkpoint").named_parameters()),
+    )
 
 
 def test_failing_rank_stops_run(tmp_path):

@@ -9,34 +9,12 @@ import torch
 from hbll.checkpoint import load_checkpoint
 from hbll_lightning.cli import main
 from hbll_lightning.data import FashionMNISTDataModule
-from tests.data_files import write_fashion_mnist
-
-CONFIG = """\
-seed_everything: 3
-methods: [hbll, backprop]
-model:
-  network:
-    class_path: hbll.networks.ConvResNet
-    init_args: {num_blocks: 3, width: 8, downsample: 4}
-  lr: 0.01
-data:
-  class_path: hbll_lightning.data.FashionMNISTDataModule
-  init_args: {batch_size: 32, val_size: 40}
-trainer:
-  accelerator: cpu
-  max_epochs: 1
-  logger: false
-  enable_progress_bar: false
-  enable_model_summary: false
-"""
+from tests.data_files import JOB_CONFIG, write_job_files
 
 
 @pytest.fixture
 def job_files(tmp_path: Path) -> tuple[Path, Path]:
-    data_dir = write_fashion_mnist(tmp_path / "fashion-mnist", num_train=200, num_test=60)
-    config = tmp_path / "job.yaml"
-    config.write_text(CONFIG)
-    return config, data_dir
+    return write_job_files(tmp_path)
 
 
 def _run(config: Path, data_dir: Path, output_dir: Path, *extra: str) -> int:
@@ -113,7 +91,7 @@ def test_cli_run_failure_leaves_no_output(job_files, tmp_path, capsys):
 
 def test_cli_unknown_config_key_names_key_and_fix(job_files, tmp_path, capsys):
     config, data_dir = job_files
-    config.write_text(CONFIG.replace("  lr: 0.01", "  lr: 0.01\n  learning_rat: 0.1"))
+    config.write_text(JOB_CONFIG.replace("  lr: 0.01", "  lr: 0.01\n  learning_rat: 0.1"))
     assert _run(config, data_dir, tmp_path / "out") == 2
     message = capsys.readouterr().err
     assert "learning_rat" in message
@@ -130,7 +108,7 @@ def test_cli_abbreviated_key_is_rejected(job_files, tmp_path, capsys):
 
 def test_cli_smoke_caps_warmup(job_files, tmp_path):
     config, data_dir = job_files
-    config.write_text(CONFIG.replace("  lr: 0.01", "  lr: 0.01\n  warmup_steps: 500"))
+    config.write_text(JOB_CONFIG.replace("  lr: 0.01", "  lr: 0.01\n  warmup_steps: 500"))
     _run(config, data_dir, tmp_path / "out", "--smoke", "true", "--methods", "[hbll]")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["smoke"] is True
@@ -165,3 +143,20 @@ def test_cli_fit_subcommand_trains(job_files, tmp_path):
 def test_cli_help_lists_run(capsys):
     assert main(["--help"]) == 0
     assert "hbll run --config CONFIG" in capsys.readouterr().out
+
+
+def test_cli_run_refuses_spawned_processes(job_files, tmp_path, capsys):
+    config, data_dir = job_files
+    code = _run(config, data_dir, tmp_path / "out", "--trainer.devices", "2", "--trainer.strategy", "hbll_spawn")
+    assert code == 2
+    assert "start method 'spawn' runs only the training function" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_run_refuses_two_processes_for_recurrent_net(tmp_path, capsys):
+    # The check runs before Lightning starts a second process, so it needs none.
+    config = Path(__file__).parents[2] / "configs" / "shakespeare_rnn.yaml"
+    code = main(["run", "--config", str(config), "--smoke", "true", "--trainer.devices", "2", "--output_dir", str(tmp_path / "out")])
+    assert code == 2
+    assert "trains a recurrent network in one process" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
