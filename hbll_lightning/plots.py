@@ -11,7 +11,7 @@ def plot_depth_metric(report: dict, path: Path) -> Path:
     """Plot the test metric of every method against the number of modules in each level cut.
 
     A recurrent network's report has evaluation paths instead of level cuts, and gets
-    grouped bars per method.
+    one point per method and path.
     """
     import matplotlib
 
@@ -48,19 +48,27 @@ def plot_depth_metric(report: dict, path: Path) -> Path:
 
 
 def _plot_paths(ax, report: dict, metric: str) -> None:
-    # A recurrent net has no level cuts: one bar per method and evaluation path.
+    # A recurrent net has no level cuts: one point per method and evaluation path. The
+    # methods differ by a few percent, so points on an axis that starts near the lowest
+    # value show the gaps, where bars from 0 would hide them.
     methods = list(report["methods"])
     paths = [row["path"] for row in report["methods"][methods[0]]["test"]]
-    width = 0.8 / len(paths)
+    offset = 0.3 / max(len(paths) - 1, 1)
     for index, name in enumerate(paths):
         values = [
             next((row.get(metric, float("nan")) for row in report["methods"][m]["test"] if row["path"] == name), float("nan"))
             for m in methods
         ]
-        positions = [k + (index - (len(paths) - 1) / 2) * width for k in range(len(methods))]
-        ax.bar(positions, values, width, label=f"{name} path")
+        positions = [k + (index - (len(paths) - 1) / 2) * offset for k in range(len(methods))]
+        ax.plot(positions, values, marker="o", linestyle="none", label=f"{name} path")
+        for x, y in zip(positions, values):
+            ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
     ax.set_xticks(range(len(methods)), methods)
-    ax.set_ylabel(f"test {metric}")
-    ax.set_title(f"Test {metric} of each method")
+    ax.set_xlim(-0.5, len(methods) - 0.5)
+    ax.margins(y=0.15)
+    label = metric.replace("_", " ")
+    better = "higher" if metric == "accuracy" else "lower"
+    ax.set_ylabel(f"test {label}")
+    ax.set_title(f"Test {label} of each method ({better} is better)")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(paths), frameon=False)
