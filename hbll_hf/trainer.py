@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, Trainer
@@ -275,13 +274,12 @@ class HBLLTrainer(Trainer):
         with torch.no_grad():
             for inputs in tqdm(dataloader, desc="Evaluating every depth", disable=not show, leave=False):
                 x, y = self._split(self._prepare_inputs(inputs))
-                for row, depth in enumerate(depths):
-                    logits = model.hbll(x, depth=depth)
-                    totals[row] += _loss_sums(logits, y)
+                sums = torch.stack([_example_sums(model.hbll(x, depth=depth), y) for depth in depths], dim=1)
+                # Gathers every rank's examples and drops the repeats that pad the last
+                # batches to equal size, so each example counts once.
+                totals += self.accelerator.gather_for_metrics(sums).sum(0)
         if was_training:
             model.train()
-        if self.args.world_size > 1 and dist.is_initialized():
-            dist.all_reduce(totals)
         metrics = {}
         for row, depth in enumerate(depths):
             loss_sum, correct, count = totals[row].tolist()
@@ -354,10 +352,11 @@ class HBLLTrainer(Trainer):
             self.engine.reset_pipeline()
 
 
-def _loss_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Return the summed cross-entropy, the correct predictions and the counted targets of a batch."""
+def _example_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Return each example's summed cross-entropy, correct predictions and counted targets, shape (batch, 3)."""
     flat_logits, flat_targets = logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1)
+    losses = torch.nn.functional.cross_entropy(flat_logits, flat_targets, reduction="none", ignore_index=-100)
     valid = flat_targets != -100
-    loss = torch.nn.functional.cross_entropy(flat_logits[valid], flat_targets[valid], reduction="sum")
-    correct = (flat_logits[valid].argmax(-1) == flat_targets[valid]).sum()
-    return torch.stack([loss.double(), correct.double(), valid.sum().double()])
+    correct = (flat_logits.argmax(-1) == flat_targets) & valid
+    per_target = torch.stack([losses.double(), correct.double(), valid.double()], dim=-1)
+    return per_target.reshape(targets.size(0), -1, 3).sum(1)

@@ -1,6 +1,6 @@
 """Train a tiny Llama with HBLLTrainer; run alone, under torchrun or under accelerate launch.
 
-    python tests/hf/trainer_script.py OUT [--steps 6] [--tree-groups T] [--method hbll]
+    python tests/hf/trainer_script.py OUT [--steps 6] [--tree-groups T] [--method hbll] [--eval-rows R]
 
 Every process builds the same model and data from one seed. The main process writes the
 final parameters to ``OUT/params.pt`` and the evaluation metrics to ``OUT/metrics.json``.
@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--tree-groups", type=int, default=None)
     parser.add_argument("--method", default="hbll")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--eval-rows", type=int, default=64)
     options = parser.parse_args()
 
     torch.manual_seed(0)
@@ -56,8 +57,9 @@ def main() -> None:
         disable_tqdm=True,
     )
     data = tiny_lm_dataset()
+    eval_data = tiny_lm_dataset(rows=options.eval_rows)
     hbll_args = HBLLArguments(method=options.method, tree_groups=options.tree_groups)
-    trainer = HBLLTrainer(model=model, args=args, train_dataset=data, eval_dataset=data, hbll_args=hbll_args)
+    trainer = HBLLTrainer(model=model, args=args, train_dataset=data, eval_dataset=eval_data, hbll_args=hbll_args)
     trainer.train()
     metrics = trainer.evaluate()
     if trainer.parallel is not None:
