@@ -21,8 +21,11 @@ from typing import Any, Callable, Literal, Optional
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.data import _update_dataloader
+from torch.utils.data import DistributedSampler
 
 from hbll.distributed import Placement, TreeParallel
 from hbll.engine import BackpropEngine, ReferenceEngine
@@ -127,6 +130,19 @@ class HBLLStrategy(DDPStrategy):
         if self.parallel is None:
             return super().distributed_sampler_kwargs
         return {"num_replicas": self.parallel.mesh.replicas, "rank": self.parallel.mesh.replica}
+
+    def process_dataloader(self, dataloader: object) -> object:
+        # Lightning's DistributedSampler pads every rank's shard to one size with repeated
+        # examples. Evaluation shards without repeats instead, so every example counts once
+        # and the metrics equal one process's; ranks may run one batch more than others.
+        sampler = getattr(dataloader, "sampler", None)
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is None or not trainer.state.stage or not trainer.state.stage.evaluating:
+            return dataloader
+        if type(sampler) is not DistributedSampler or sampler.shuffle or len(sampler.dataset) < sampler.num_replicas:
+            return dataloader
+        unrepeated = UnrepeatedDistributedSampler(sampler.dataset, num_replicas=sampler.num_replicas, rank=sampler.rank, shuffle=False)
+        return _update_dataloader(dataloader, unrepeated, mode=trainer.state.stage)
 
     def setup(self, trainer: Trainer) -> None:
         module = self.lightning_module

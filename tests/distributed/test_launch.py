@@ -99,6 +99,19 @@ def test_replicas_match_one_process_on_the_joint_batch(method, devices, tree_gro
     _assert_same(_parameters(module), _parameters(reference))
 
 
+def test_evaluation_on_replicas_counts_each_example_once(tmp_path):
+    # 33 examples over 2 data-parallel replicas: a shard padded to equal size would
+    # repeat one example.
+    expected = make_trainer(str(tmp_path / "one"), devices=1)
+    expected.validate(build_module(), loader(11, 3))
+    trainer = make_trainer(str(tmp_path / "two"), devices=2, tree_groups=1, start_method="spawn")
+    trainer.validate(build_module(), loader(11, 3))
+    got, metrics = _depth_metrics(trainer), _depth_metrics(expected)
+    assert sorted(got) == sorted(metrics)
+    for key, value in metrics.items():
+        assert got[key] == pytest.approx(value, abs=1e-6), key
+
+
 @pytest.mark.parametrize("launcher", ["script", "torchrun", "accelerate"])
 def test_launch_paths_match_one_process(launcher, one_process, tmp_path):
     out = tmp_path / "parameters.pt"
