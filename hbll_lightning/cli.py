@@ -14,12 +14,14 @@ Both read the same YAML: ``model`` (``HBLLModule`` arguments), ``data`` (a datam
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from typing import Callable, Optional
 
 from jsonargparse import ArgumentError
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import hbll_lightning.strategy  # noqa: F401  registers strategy="hbll"
 from hbll_lightning.data.idx import DataFormatError
@@ -121,6 +123,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (FileExistsError, FileNotFoundError, DataFormatError, JobConfigError) as error:
         print(f"hbll: {error}", file=sys.stderr)
         return 2
+    except SIGTERMException:
+        # Lightning stops every process after the current step and raises SystemExit
+        # without a code, which would exit with 0.
+        print("hbll: stopped by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except ArgumentError as error:
         help_command = "hbll run --help" if argv[0] == "run" else f"hbll {argv[0]} --help"
         print(

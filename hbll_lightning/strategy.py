@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from datetime import timedelta
 from typing import Any, Callable, Literal, Optional
 
@@ -214,11 +216,37 @@ class HBLLStrategy(DDPStrategy):
         if self.parallel is not None:
             self.parallel.sync_parameters()
 
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._stop_on_sigterm_between_steps()
+
     def on_validation_start(self) -> None:
+        self._stop_on_sigterm_between_steps()
         self._sync()
 
     def on_test_start(self) -> None:
+        self._stop_on_sigterm_between_steps()
         self._sync()
+
+    def _stop_on_sigterm_between_steps(self) -> None:
+        # Lightning's SIGTERM handler broadcasts from inside the handler. That broadcast can
+        # meet a tree message or gradient reduction of another rank, and both ranks then wait
+        # forever. This handler only sets Lightning's flag and passes the signal on to the
+        # processes this one started. Lightning broadcasts rank 0's flag at the start of
+        # every training step and checks it after every step and evaluation batch, so all
+        # ranks stop at the same point.
+        trainer = self.lightning_module.trainer
+        if not self.is_multiprocess or threading.current_thread() is not threading.main_thread():
+            return
+        connector = trainer._signal_connector
+
+        def flag_sigterm(signum: int, frame: Any) -> None:
+            log.info(f"rank {self.global_rank}: received signal {signum}; stopping after the current step")
+            if not connector.received_sigterm and self.launcher is not None:
+                self.launcher.kill(signum)
+            connector.received_sigterm = True
+
+        signal.signal(signal.SIGTERM, flag_sigterm)
 
     def on_predict_start(self) -> None:
         self._sync()

@@ -7,8 +7,10 @@ its default launcher (the script runs again per rank), ``torchrun`` and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -185,6 +187,48 @@ def test_hbll_run_on_two_processes_matches_one_process(tmp_path):
         dict(load_checkpoint(tmp_path / "two" / "checkpoint").named_parameters()),
         dict(load_checkpoint(tmp_path / "one" / "checkpoint").named_parameters()),
     )
+
+
+def _group_ends(group: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_sigterm_stops_every_process_of_hbll_run(tmp_path):
+    # A scheduler that stops a job signals its main process. Rank 0 passes the signal to
+    # rank 1, and both stop after the same step instead of waiting in a collective.
+    config, data_dir = write_job_files(tmp_path)
+    log = tmp_path / "log"
+    command = [
+        sys.executable, "-m", "hbll_lightning.cli", "run", "--config", str(config), "--data.init_args.data_dir",
+        str(data_dir), "--output_dir", str(tmp_path / "out"), "--trainer.devices", "2", "--trainer.max_epochs", "500",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "HBLL tree-parallel" not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(2)
+        assert process.poll() is None, log.read_text()[-3000:]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+        assert _group_ends(process.pid, timeout=30), "rank 1 still runs after rank 0 stopped"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "rank 1: received signal 15" in text
+    assert "hbll: stopped by SIGTERM" in text
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.*"))
 
 
 def test_failing_rank_stops_run(tmp_path):
