@@ -132,6 +132,7 @@ class _ComparisonJob:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
             "torch_threads": torch.get_num_threads(),
+            "processes": cli.trainer.num_devices * cli.trainer.num_nodes,
             "network": module.network.config(),
             "data": {"class_path": type(cli.datamodule).__qualname__},
             "trainer": {

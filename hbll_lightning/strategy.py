@@ -37,6 +37,14 @@ __all__ = ["HBLLStrategy", "AtomicCheckpointIO"]
 log = logging.getLogger(__name__)
 
 
+def engine_label(engine: Any, device: torch.device) -> str:
+    """Name ``engine`` and ``device`` for the log, saying when a fused engine runs unbatched there."""
+    device_types = getattr(engine, "device_types", None)
+    if device_types is not None and device.type not in device_types:
+        return f"{engine.name} engine on {device}, one call at a time (it batches on {'/'.join(device_types)} only)"
+    return f"{engine.name} engine on {device}"
+
+
 def check_process_count(module: Any, processes: int) -> None:
     """Raise ``NotImplementedError`` if ``module`` cannot train over ``processes`` processes."""
     if processes > 1 and getattr(module, "recurrent", False):
@@ -120,6 +128,19 @@ class HBLLStrategy(DDPStrategy):
         if self.is_multiprocess:
             super()._configure_launcher()
 
+    def setup_environment(self) -> None:
+        # torchrun, accelerate launch and Lightning's own launcher set WORLD_SIZE. A trainer
+        # that asks for another count would start training on some ranks and fail on others.
+        launched = os.environ.get("WORLD_SIZE")
+        requested = self.num_nodes * self.num_processes
+        if launched is not None and int(launched) != requested:
+            raise ValueError(
+                f"the launcher started {launched} processes (WORLD_SIZE={launched}), but the trainer asks for "
+                f"devices={self.num_processes} on num_nodes={self.num_nodes}, {requested} in all; set devices to "
+                "the processes per node (torchrun --nproc_per_node, accelerate launch --num_processes)"
+            )
+        super().setup_environment()
+
     def setup_distributed(self) -> None:
         if self.is_multiprocess:
             super().setup_distributed()
@@ -128,23 +149,28 @@ class HBLLStrategy(DDPStrategy):
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        # The ranks of one tree group train on the same batch; replicas split the data.
-        if self.parallel is None:
+        # In training the ranks of one tree group read the same batch and the replicas split
+        # the data. Evaluation runs on the whole synced model, so all ranks split the data.
+        if self.parallel is None or self._evaluating():
             return super().distributed_sampler_kwargs
         return {"num_replicas": self.parallel.mesh.replicas, "rank": self.parallel.mesh.replica}
+
+    def _evaluating(self) -> bool:
+        module = self.lightning_module
+        trainer = module._trainer if module is not None else None
+        return trainer is not None and trainer.state.stage is not None and trainer.state.stage.evaluating
 
     def process_dataloader(self, dataloader: object) -> object:
         # Lightning's DistributedSampler pads every rank's shard to one size with repeated
         # examples. Evaluation shards without repeats instead, so every example counts once
         # and the metrics equal one process's; ranks may run one batch more than others.
         sampler = getattr(dataloader, "sampler", None)
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is None or not trainer.state.stage or not trainer.state.stage.evaluating:
+        if not self._evaluating() or type(sampler) is not DistributedSampler:
             return dataloader
-        if type(sampler) is not DistributedSampler or sampler.shuffle or len(sampler.dataset) < sampler.num_replicas:
+        if sampler.shuffle or len(sampler.dataset) < sampler.num_replicas:
             return dataloader
         unrepeated = UnrepeatedDistributedSampler(sampler.dataset, num_replicas=sampler.num_replicas, rank=sampler.rank, shuffle=False)
-        return _update_dataloader(dataloader, unrepeated, mode=trainer.state.stage)
+        return _update_dataloader(dataloader, unrepeated, mode=self.lightning_module.trainer.state.stage)
 
     def setup(self, trainer: Trainer) -> None:
         module = self.lightning_module
@@ -159,7 +185,7 @@ class HBLLStrategy(DDPStrategy):
         # One process: no process group, and the plain strategy setup.
         self.engine = module.build_engine()
         rank_zero_info(
-            f"HBLLStrategy: {self.engine.name} engine on {self.root_device}, "
+            f"HBLLStrategy: {engine_label(self.engine, self.root_device)}, "
             f"{module.model.num_blocks} blocks, tree depth {module.model.depth}"
         )
         Strategy.setup(self, trainer)
@@ -180,7 +206,7 @@ class HBLLStrategy(DDPStrategy):
         # Clipping by norm uses the norm of the whole model's gradient, as in one process.
         parallel = self.parallel
         self.precision_plugin.clip_grad_by_norm = lambda optimizer, clip_val: parallel.clip_grad_norm_(clip_val)
-        rank_zero_info(f"HBLLStrategy: {self.engine.name} engine\n{self.parallel.describe()}")
+        rank_zero_info(f"HBLLStrategy: {engine_label(self.engine, self.root_device)}\n{self.parallel.describe()}")
         mesh = self.parallel.mesh
         log.debug(
             f"rank {mesh.rank} (tree rank {mesh.tree_rank}, replica {mesh.replica}) owns nodes "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 from hbll.checkpoint import load_checkpoint
 from hbll_lightning.cli import main as cli_main
@@ -101,17 +102,41 @@ def test_replicas_match_one_process_on_the_joint_batch(method, devices, tree_gro
     _assert_same(_parameters(module), _parameters(reference))
 
 
-def test_evaluation_on_replicas_counts_each_example_once(tmp_path):
-    # 33 examples over 2 data-parallel replicas: a shard padded to equal size would
-    # repeat one example.
-    expected = make_trainer(str(tmp_path / "one"), devices=1)
-    expected.validate(build_module(), loader(11, 3))
-    trainer = make_trainer(str(tmp_path / "two"), devices=2, tree_groups=1, start_method="spawn")
-    trainer.validate(build_module(), loader(11, 3))
-    got, metrics = _depth_metrics(trainer), _depth_metrics(expected)
-    assert sorted(got) == sorted(metrics)
-    for key, value in metrics.items():
-        assert got[key] == pytest.approx(value, abs=1e-6), key
+class CountValidationExamples(Callback):
+    """Write the number of validation examples each rank evaluated to ``directory/rank{r}``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory, self.count = directory, 0
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.count += len(batch[0])
+
+    def on_validation_end(self, trainer, module) -> None:
+        self.directory.mkdir(exist_ok=True)
+        (self.directory / f"rank{trainer.global_rank}").write_text(str(self.count))
+
+
+@pytest.mark.parametrize("stage,tree_groups", [("validate", 1), ("fit", None)], ids=["validate-2-replicas", "fit-tree-of-2"])
+def test_evaluation_counts_each_example_once(stage, tree_groups, tmp_path):
+    # 33 examples over 2 ranks: a shard padded to equal size would repeat one example.
+    # Evaluation splits the data over all ranks, also those of one tree group.
+    def run(trainer):
+        module = build_module()
+        if stage == "fit":
+            trainer.fit(module, loader(), loader(11, 3))
+        else:
+            trainer.validate(module, loader(11, 3))
+        return _depth_metrics(trainer)
+
+    expected = run(make_trainer(str(tmp_path / "one"), devices=1))
+    trainer = make_trainer(str(tmp_path / "two"), devices=2, tree_groups=tree_groups, start_method="spawn")
+    trainer.callbacks.append(CountValidationExamples(tmp_path / "counts"))
+    got = run(trainer)
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-5), key
+    counts = sorted(int(path.read_text()) for path in (tmp_path / "counts").iterdir())
+    assert counts == [16, 17]
 
 
 @pytest.mark.parametrize("launcher", ["script", "torchrun", "accelerate"])

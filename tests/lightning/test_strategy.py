@@ -158,3 +158,11 @@ def test_strategy_drives_schedules_and_level_rates(tmp_path):
     assert sorted(trainer.strategy.engine.pipeline) == [2, 3, 4, 5]
     rates = sorted({group["initial_lr"] for group in trainer.optimizers[0].param_groups})
     assert rates == pytest.approx([1e-2 * 0.5**level for level in (3, 2, 1, 0)])
+
+
+def test_device_count_other_than_the_launchers_is_rejected(tmp_path, monkeypatch):
+    # What torchrun --nproc_per_node 2 sets for a trainer that asks for one device.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    train, _ = _loaders()
+    with pytest.raises(ValueError, match=r"launcher started 2 processes \(WORLD_SIZE=2\), but the trainer asks for devices=1"):
+        _trainer(tmp_path).fit(_module(), train)
