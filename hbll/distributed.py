@@ -109,7 +109,7 @@ def check_mesh(world_size: int, tree_groups: int, num_nodes: Optional[int] = Non
     if num_nodes is not None and tree_groups > num_nodes:
         raise ValueError(
             f"tree_groups={tree_groups} exceeds the {num_nodes} nodes of the tree, so some rank "
-            f"would own no node; use at most {num_nodes} tree groups"
+            f"would own no node; use tree_groups <= {num_nodes}"
         )
 
 
@@ -375,8 +375,9 @@ class TreeParallel:
     def describe(self) -> str:
         mesh = self.mesh
         return (
-            f"HBLL tree-parallel: {mesh.world_size} ranks = {mesh.tree_groups} tree groups × "
-            f"{mesh.replicas} {'replica' if mesh.replicas == 1 else 'replicas'}\n" + describe_placement(self.model, self.placement)
+            f"HBLL tree-parallel: {mesh.world_size} ranks = {mesh.replicas} {'replica' if mesh.replicas == 1 else 'replicas'} × "
+            f"{mesh.tree_groups} {'rank' if mesh.tree_groups == 1 else 'ranks'} per tree (tree_groups={mesh.tree_groups})\n"
+            + describe_placement(self.model, self.placement)
         )
 
     def owned_nodes(self) -> list[Node]:

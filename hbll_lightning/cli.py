@@ -29,7 +29,7 @@ from hbll_lightning.module import HBLLModule
 
 __all__ = ["HBLLCLI", "main"]
 
-# Trainer limits that `--smoke true` applies: a run of two or three minutes on 2 CPU cores.
+# Trainer limits that `--smoke true` applies: a run of about a minute on 2 CPU cores.
 SMOKE_TRAINER_LIMITS = {
     "max_epochs": 1,
     "max_steps": -1,

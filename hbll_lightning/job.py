@@ -86,6 +86,11 @@ class _ComparisonJob:
             )
         self.output_dir.parent.mkdir(parents=True, exist_ok=True)
         self.staging = Path(tempfile.mkdtemp(prefix=f".{self.output_dir.name}.partial-", dir=self.output_dir.parent))
+        # mkdtemp creates the directory for its owner only; output_dir gets the usual
+        # permissions of a new directory.
+        umask = os.umask(0)
+        os.umask(umask)
+        self.staging.chmod(0o777 & ~umask)
 
     def run(self) -> dict:
         try:

@@ -129,13 +129,13 @@ class HBLLStrategy(DDPStrategy):
             super()._configure_launcher()
 
     def setup_environment(self) -> None:
-        # torchrun, accelerate launch and Lightning's own launcher set WORLD_SIZE. A trainer
-        # that asks for another count would start training on some ranks and fail on others.
+        # torchrun, accelerate launch and Lightning's own launcher set WORLD_SIZE. With a
+        # different count in the trainer, some ranks would train and the others fail.
         launched = os.environ.get("WORLD_SIZE")
         requested = self.num_nodes * self.num_processes
         if launched is not None and int(launched) != requested:
             raise ValueError(
-                f"the launcher started {launched} processes (WORLD_SIZE={launched}), but the trainer asks for "
+                f"the launcher started {launched} processes (WORLD_SIZE={launched}), but the trainer is set to "
                 f"devices={self.num_processes} on num_nodes={self.num_nodes}, {requested} in all; set devices to "
                 "the processes per node (torchrun --nproc_per_node, accelerate launch --num_processes)"
             )
@@ -184,10 +184,12 @@ class HBLLStrategy(DDPStrategy):
             return
         # One process: no process group, and the plain strategy setup.
         self.engine = module.build_engine()
-        rank_zero_info(
-            f"HBLLStrategy: {engine_label(self.engine, self.root_device)}, "
-            f"{module.model.num_blocks} blocks, tree depth {module.model.depth}"
-        )
+        model = module.model
+        if getattr(module, "recurrent", False):
+            size = f"{model.num_blocks} time steps in leaves of {model.leaf_steps}"
+        else:
+            size = f"{model.num_blocks} blocks"
+        rank_zero_info(f"HBLLStrategy: {engine_label(self.engine, self.root_device)}, {size}, tree depth {model.depth}")
         Strategy.setup(self, trainer)
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:

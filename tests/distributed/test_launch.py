@@ -157,7 +157,7 @@ def test_launch_paths_match_one_process(launcher, one_process, tmp_path):
     }
     result = _run(commands[launcher])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 ranks = 2 tree groups × 1 replica" in result.stdout + result.stderr
+    assert "2 ranks = 1 replica × 2 ranks per tree" in result.stdout + result.stderr
     _assert_same(torch.load(out), one_process)
 
 
@@ -199,7 +199,7 @@ def test_hbll_run_on_two_processes_matches_one_process(tmp_path):
     assert cli_main([*arguments, "--output_dir", str(tmp_path / "one")]) == 0
     result = _run([sys.executable, "-m", "hbll_lightning.cli", *arguments, "--output_dir", str(tmp_path / "two"), "--trainer.devices", "2"])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 ranks = 2 tree groups × 1 replica" in result.stdout + result.stderr
+    assert "2 ranks = 1 replica × 2 ranks per tree" in result.stdout + result.stderr
     assert result.stdout.count("Results in") == 1
 
     assert not list(tmp_path.glob(".two.*"))

@@ -28,8 +28,11 @@ def test_cli_run_writes_complete_output(job_files, tmp_path):
 
     assert {p.name for p in output_dir.iterdir()} >= {"report.json", "depth_vs_accuracy.png", "checkpoint", "hbll", "backprop"}
     assert not list(tmp_path.glob(".out.partial-*"))
+    (tmp_path / "plain").mkdir()
+    assert output_dir.stat().st_mode == (tmp_path / "plain").stat().st_mode
     report = json.loads((output_dir / "report.json").read_text())
     assert report["metric"] == "accuracy"
+    assert report["processes"] == 1
     for method, critical_path in (("hbll", 2 + 5), ("backprop", 2 * 3 + 4)):
         result = report["methods"][method]
         assert [row["depth"] for row in result["test"]] == [0, 1, 2]

@@ -161,8 +161,8 @@ def test_strategy_drives_schedules_and_level_rates(tmp_path):
 
 
 def test_device_count_other_than_the_launchers_is_rejected(tmp_path, monkeypatch):
-    # What torchrun --nproc_per_node 2 sets for a trainer that asks for one device.
+    # What torchrun --nproc_per_node 2 sets, for a trainer set to one device.
     monkeypatch.setenv("WORLD_SIZE", "2")
     train, _ = _loaders()
-    with pytest.raises(ValueError, match=r"launcher started 2 processes \(WORLD_SIZE=2\), but the trainer asks for devices=1"):
+    with pytest.raises(ValueError, match=r"launcher started 2 processes \(WORLD_SIZE=2\), but the trainer is set to devices=1"):
         _trainer(tmp_path).fit(_module(), train)
