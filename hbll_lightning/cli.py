@@ -22,6 +22,7 @@ from jsonargparse import ArgumentError
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 import hbll_lightning.strategy  # noqa: F401  registers strategy="hbll"
 from hbll_lightning.data.idx import DataFormatError
@@ -126,7 +127,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except SIGTERMException:
         # Lightning stops every process after the current step and raises SystemExit
         # without a code, which would exit with 0.
-        print("hbll: stopped by SIGTERM", file=sys.stderr)
+        if rank_zero_only.rank == 0:
+            print("hbll: stopped by SIGTERM", file=sys.stderr)
         return 128 + signal.SIGTERM
     except ArgumentError as error:
         help_command = "hbll run --help" if argv[0] == "run" else f"hbll {argv[0]} --help"
