@@ -360,6 +360,10 @@ class TreeParallel:
         self.owner = {pid: next(iter(ranks)) for pid, ranks in users.items() if len(ranks) == 1}
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.shared_parameters = [p for _, p in named if id(p) not in self.owner]
+        # A rank that should stop sets stop_requested; the next total_loss tells every rank
+        # at once, through stop_agreed, so all of them can stop after the same step.
+        self.stop_requested = False
+        self.stop_agreed = False
         self.owned_parameters = [p for _, p in named if self.owner.get(id(p)) == self.mesh.tree_rank]
 
     def node_parameters(self, node: Node) -> list[nn.Parameter]:
@@ -385,10 +389,15 @@ class TreeParallel:
 
     @torch.no_grad()
     def total_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """Return the step's loss over the whole tree, averaged over replicas (for logging)."""
-        total = loss.detach().clone()
-        _collective("summing the step's loss", lambda: dist.all_reduce(total))
-        return total / self.mesh.replicas
+        """Return the step's loss over the whole tree, averaged over replicas (for logging).
+
+        The same all-reduce carries ``stop_requested``: afterwards ``stop_agreed`` is
+        True on every rank if any rank had requested a stop.
+        """
+        packed = torch.stack([loss.detach().float().reshape(()), loss.new_tensor(float(self.stop_requested), dtype=torch.float32)])
+        _collective("summing the step's loss", lambda: dist.all_reduce(packed))
+        self.stop_agreed = bool(packed[1] > 0)
+        return (packed[0] / self.mesh.replicas).to(loss.dtype)
 
     def gather_node_losses(self, node_losses: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
         """Collect the per-node loss parts of the whole tree group (for logging)."""

@@ -13,6 +13,7 @@ across them (see ``hbll.distributed``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -35,6 +36,11 @@ from hbll.engine import BackpropEngine, ReferenceEngine
 __all__ = ["HBLLStrategy", "AtomicCheckpointIO"]
 
 log = logging.getLogger(__name__)
+
+
+# The processes that this process started as extra ranks. A later Trainer of the same job
+# finds the ranks running and starts none, so its launcher knows no process to signal.
+_STARTED_RANKS: list[Any] = []
 
 
 def engine_label(engine: Any, device: torch.device) -> str:
@@ -223,7 +229,11 @@ class HBLLStrategy(DDPStrategy):
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         batch = args[0] if args else kwargs["batch"]
         with self.precision_plugin.train_step_context():
-            return self.lightning_module.run_engine_step(self.engine, batch, parallel=self.parallel)
+            loss = self.lightning_module.run_engine_step(self.engine, batch, parallel=self.parallel)
+        if self.parallel is not None and self.parallel.stop_agreed:
+            # Every rank reads the same all-reduced value, so all stop after this step.
+            self.lightning_module.trainer._signal_connector.received_sigterm = True
+        return loss
 
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         if self.parallel is None:
@@ -259,22 +269,33 @@ class HBLLStrategy(DDPStrategy):
     def _stop_on_sigterm_between_steps(self) -> None:
         # Lightning's SIGTERM handler broadcasts from inside the handler. That broadcast can
         # meet a tree message or gradient reduction of another rank, and both ranks then wait
-        # forever. This handler only sets Lightning's flag and passes the signal on to the
-        # processes this one started. Lightning broadcasts rank 0's flag at the start of
-        # every training step and checks it after every step and evaluation batch, so all
-        # ranks stop at the same point.
-        trainer = self.lightning_module.trainer
+        # until the process group times out. This handler passes the signal on to the ranks
+        # this process started and records it. In training the step's loss all-reduce
+        # carries the record, so every rank sets Lightning's flag after the same step and
+        # all stop together. Evaluation batches need no collective, so there each rank sets
+        # the flag at once and stops at its next batch.
         if not self.is_multiprocess or threading.current_thread() is not threading.main_thread():
             return
-        connector = trainer._signal_connector
+        started = getattr(self.launcher, "procs", None)
+        if started:
+            _STARTED_RANKS[:] = started
+        connector = self.lightning_module.trainer._signal_connector
+        forwarded = False
 
-        def flag_sigterm(signum: int, frame: Any) -> None:
+        def on_sigterm(signum: int, frame: Any) -> None:
+            nonlocal forwarded
             log.info(f"rank {self.global_rank}: received signal {signum}; stopping after the current step")
-            if not connector.received_sigterm and self.launcher is not None:
-                self.launcher.kill(signum)
-            connector.received_sigterm = True
+            if not forwarded:
+                forwarded = True
+                for process in _STARTED_RANKS:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(process.pid, signum)
+            if self.parallel is not None and not self._evaluating():
+                self.parallel.stop_requested = True
+            else:
+                connector.received_sigterm = True
 
-        signal.signal(signal.SIGTERM, flag_sigterm)
+        signal.signal(signal.SIGTERM, on_sigterm)
 
     def on_predict_start(self) -> None:
         self._sync()
