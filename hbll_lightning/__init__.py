@@ -5,6 +5,6 @@ Importing this package registers ``HBLLStrategy`` under the name ``"hbll"``, so
 """
 
 from hbll_lightning.module import HBLLModule, ModulesSpec
-from hbll_lightning.strategy import HBLLStrategy
+from hbll_lightning.strategy import HBLLStrategy, ProcessLayoutError
 
-__all__ = ["HBLLModule", "HBLLStrategy", "ModulesSpec"]
+__all__ = ["HBLLModule", "HBLLStrategy", "ModulesSpec", "ProcessLayoutError"]

@@ -24,9 +24,9 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-import hbll_lightning.strategy  # noqa: F401  registers strategy="hbll"
 from hbll_lightning.data.idx import DataFormatError
 from hbll_lightning.module import HBLLModule
+from hbll_lightning.strategy import ProcessLayoutError  # importing it registers strategy="hbll"
 
 __all__ = ["HBLLCLI", "main"]
 
@@ -121,7 +121,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             run_job(argv[1:])
         else:
             HBLLCLI(args=argv)
-    except (FileExistsError, FileNotFoundError, DataFormatError, JobConfigError) as error:
+    except (FileExistsError, FileNotFoundError, DataFormatError, JobConfigError, ProcessLayoutError) as error:
         print(f"hbll: {error}", file=sys.stderr)
         return 2
     except SIGTERMException:

@@ -151,10 +151,7 @@ class _ComparisonJob:
     def _check_processes(cli: HBLLCLI) -> None:
         # Both checks run before Lightning starts any extra process.
         processes = cli.trainer.num_devices * cli.trainer.num_nodes
-        try:
-            check_process_count(cli.model, processes)
-        except NotImplementedError as error:
-            raise JobConfigError(str(error)) from None
+        check_process_count(cli.model, processes)
         start_method = getattr(cli.trainer.strategy, "_start_method", "popen")
         if processes > 1 and start_method != "popen":
             raise JobConfigError(

@@ -390,7 +390,9 @@ class HBLLModule(LightningModule):
                     metrics[f"{stage}/{key}/bits_per_char"] = loss / math.log(2)
             else:
                 metrics[f"{stage}/{key}/accuracy"] = float(self.eval_accuracy[index].compute())
-            self.log_dict(metrics, prog_bar=index == main_row)
+            # The values are equal on every rank, so syncing keeps them and only stops
+            # Lightning's warning about unsynced epoch-level logs.
+            self.log_dict(metrics, prog_bar=index == main_row, sync_dist=True)
             self.eval_loss[index].reset()
             self.eval_accuracy[index].reset()
 

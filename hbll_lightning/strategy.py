@@ -33,7 +33,7 @@ from torch.utils.data import DistributedSampler
 from hbll.distributed import Placement, TreeParallel
 from hbll.engine import BackpropEngine, ReferenceEngine
 
-__all__ = ["HBLLStrategy", "AtomicCheckpointIO"]
+__all__ = ["HBLLStrategy", "AtomicCheckpointIO", "ProcessLayoutError"]
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,14 @@ def engine_label(engine: Any, device: torch.device) -> str:
     return f"{engine.name} engine on {device}"
 
 
+class ProcessLayoutError(ValueError):
+    """The processes of a run do not fit its model or its launcher."""
+
+
 def check_process_count(module: Any, processes: int) -> None:
-    """Raise ``NotImplementedError`` if ``module`` cannot train over ``processes`` processes."""
+    """Raise ``ProcessLayoutError`` if ``module`` cannot train over ``processes`` processes."""
     if processes > 1 and getattr(module, "recurrent", False):
-        raise NotImplementedError(
+        raise ProcessLayoutError(
             "strategy='hbll' trains a recurrent network in one process: all its leaves share one cell, "
             f"so the tree over time does not split across processes; run with devices=1, not {processes} processes"
         )
@@ -140,10 +144,11 @@ class HBLLStrategy(DDPStrategy):
         launched = os.environ.get("WORLD_SIZE")
         requested = self.num_nodes * self.num_processes
         if launched is not None and int(launched) != requested:
-            raise ValueError(
+            raise ProcessLayoutError(
                 f"the launcher started {launched} processes (WORLD_SIZE={launched}), but the trainer is set to "
-                f"devices={self.num_processes} on num_nodes={self.num_nodes}, {requested} in all; set devices to "
-                "the processes per node (torchrun --nproc_per_node, accelerate launch --num_processes)"
+                f"devices={self.num_processes} on num_nodes={self.num_nodes}, {requested} in all; set devices "
+                "(--trainer.devices in the hbll command) to the processes per node (torchrun --nproc_per_node, "
+                "accelerate launch --num_processes)"
             )
         super().setup_environment()
 

@@ -6,6 +6,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import hbll_lightning  # noqa: F401  registers strategy="hbll"
 from hbll_lightning import HBLLModule, HBLLStrategy
+from hbll_lightning.strategy import ProcessLayoutError
 from tests.conftest import TinyBlock, make_tiny_model
 
 
@@ -164,5 +165,5 @@ def test_device_count_other_than_the_launchers_is_rejected(tmp_path, monkeypatch
     # What torchrun --nproc_per_node 2 sets, for a trainer set to one device.
     monkeypatch.setenv("WORLD_SIZE", "2")
     train, _ = _loaders()
-    with pytest.raises(ValueError, match=r"launcher started 2 processes \(WORLD_SIZE=2\), but the trainer is set to devices=1"):
+    with pytest.raises(ProcessLayoutError, match=r"launcher started 2 processes \(WORLD_SIZE=2\), but the trainer is set to devices=1"):
         _trainer(tmp_path).fit(_module(), train)
