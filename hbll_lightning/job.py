@@ -178,6 +178,9 @@ class _ComparisonJob:
             "test": module.depth_metrics("test"),
             "wall_time_s": round(wall_time, 2),
             "steps": cli.trainer.global_step,
+            # Backprop on P processes is data parallel, so its step reads P batches where an
+            # HBLL tree over the same processes reads one.
+            "batches_per_step": getattr(cli.trainer.strategy, "data_replicas", 1),
             "step_time_s": module.mean_step_time(),
             "critical_path_per_step": module.last_critical_path,
             "num_blocks": module.model.num_blocks,
@@ -225,13 +228,16 @@ def format_report(report: dict) -> str:
             label = f"depth {row['depth']} ({row['num_modules']})"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("| method | wall time (s) | steps | time per step (s) | critical path per step |")
-    lines.append("|---|---|---|---|---|")
+    lines.append("| method | wall time (s) | steps | batches per step | time per step (s) | critical path per step |")
+    lines.append("|---|---|---|---|---|---|")
     for method in methods:
         r = report["methods"][method]
         step_time = r.get("step_time_s")
         step_cell = "n/a" if step_time is None else f"{step_time:.4f}"
-        lines.append(f"| {method} | {r['wall_time_s']:.1f} | {r['steps']} | {step_cell} | {r['critical_path_per_step']} |")
+        lines.append(
+            f"| {method} | {r['wall_time_s']:.1f} | {r['steps']} | {r.get('batches_per_step', 1)} | {step_cell} "
+            f"| {r['critical_path_per_step']} |"
+        )
     return "\n".join(lines)
 
 

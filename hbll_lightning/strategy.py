@@ -120,6 +120,8 @@ class HBLLStrategy(DDPStrategy):
         self._device = torch.device(device) if device is not None else None
         self.engine: Optional[ReferenceEngine | BackpropEngine] = None
         self.parallel: Optional[TreeParallel] = None
+        # How many different batches one training step reads: one per data-parallel replica.
+        self.data_replicas = 1
         self._layouts: list[list[list[torch.nn.Parameter]]] = []
 
     @property
@@ -215,6 +217,7 @@ class HBLLStrategy(DDPStrategy):
         check_process_count(module, self.num_nodes * self.num_processes)
         tree_groups = 1 if module.method == "backprop" else self.tree_groups
         self.parallel = TreeParallel(module.model, tree_groups, self.placement, device=self.root_device)
+        self.data_replicas = self.parallel.mesh.replicas
         self.engine = module.build_engine(comm=self.parallel.comm)
         # Clipping by norm uses the norm of the whole model's gradient, as in one process.
         parallel = self.parallel

@@ -205,6 +205,9 @@ def test_hbll_run_on_two_processes_matches_one_process(tmp_path):
     assert not list(tmp_path.glob(".two.*"))
     single, double = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two"))
     assert list(double["methods"]) == ["hbll", "backprop"]
+    # The tree of 2 ranks reads one batch per step; backprop's 2 replicas read two.
+    assert [double["methods"][m]["batches_per_step"] for m in ("hbll", "backprop")] == [1, 2]
+    assert double["processes"] == 2
     for method in single["methods"]:
         for expected, got in zip(single["methods"][method]["test"], double["methods"][method]["test"]):
             assert got["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
