@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer, TrainingArguments
 
 from hbll.distributed import Placement, TreeParallel
 from hbll.engine import BackpropEngine, ReferenceEngine, build_engine
@@ -164,7 +164,8 @@ class HBLLTrainer(Trainer):
             tree_groups = 1 if self.hbll_args.method == "backprop" else self.hbll_args.tree_groups
             self.parallel = TreeParallel(self.model.hbll, tree_groups, self.hbll_args.placement, device=self.args.device)
             comm = self.parallel.comm
-            logger.info("HBLLTrainer: %s engine\n%s", self.hbll_args.method, self.parallel.describe())
+            if self.args.process_index == 0:
+                logger.info("HBLLTrainer: %s engine\n%s", self.hbll_args.method, self.parallel.describe())
         return build_engine(self.hbll_args.method, self.hbll_args.objective(), engine=self.hbll_args.engine, comm=comm, **options)
 
     def _wrap_model(self, model: nn.Module, training: bool = True, dataloader: Any = None) -> nn.Module:
@@ -187,6 +188,13 @@ class HBLLTrainer(Trainer):
             shard.num_processes = self.parallel.mesh.replicas
             shard.process_index = self.parallel.mesh.replica
         return dataloader
+
+    def get_total_train_batch_size(self, args: TrainingArguments) -> int:
+        # The ranks of one tree group train on the same batch, so only the replicas add
+        # examples to a step; this count drives the logged batch size and samples per second.
+        if self.parallel is None:
+            return super().get_total_train_batch_size(args)
+        return self._train_batch_size * args.gradient_accumulation_steps * self.parallel.mesh.replicas
 
     def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)

@@ -167,6 +167,8 @@ def test_two_processes_match_one(tmp_path, launcher):
         torch.testing.assert_close(two[name], value, rtol=0, atol=1e-5, msg=name)
     metrics = json.loads((double / "metrics.json").read_text())
     assert metrics["world_size"] == 2
+    # Both ranks of the tree train on the same batch of 8.
+    assert metrics["total_train_batch_size"] == 8
     expected = json.loads((single / "metrics.json").read_text())
     for depth in range(3):
         key = f"eval_depth{depth}_loss"

@@ -66,7 +66,8 @@ def main() -> None:
         trainer.parallel.sync_parameters()
     if trainer.is_world_process_zero():
         torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, os.path.join(options.out, "params.pt"))
-        Path(options.out, "metrics.json").write_text(json.dumps({**metrics, "world_size": args.world_size}))
+        totals = {"world_size": args.world_size, "total_train_batch_size": trainer.get_total_train_batch_size(args)}
+        Path(options.out, "metrics.json").write_text(json.dumps({**metrics, **totals}))
 
 
 if __name__ == "__main__":
