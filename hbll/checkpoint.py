@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional
 
 from hbll.model import HBLLModel
 from hbll.networks import NetworkSpec
 
-__all__ = ["save_checkpoint", "load_checkpoint", "WEIGHTS_NAME", "CONFIG_NAME"]
+__all__ = ["save_checkpoint", "load_checkpoint", "apply_umask", "WEIGHTS_NAME", "CONFIG_NAME"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "hbll_config.json"
@@ -32,7 +33,10 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     # safetensors stores contiguous, unshared tensors only.
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "hbll_num_blocks": str(model.num_blocks)})
+    weights = directory / WEIGHTS_NAME
+    save_file(state, str(weights), metadata={"format": "pt", "hbll_num_blocks": str(model.num_blocks)})
+    # safetensors creates the file for its owner only.
+    apply_umask(weights)
 
     config = {
         "tree": model.tree_config(),
@@ -43,6 +47,13 @@ def save_checkpoint(
     }
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def apply_umask(path: Path) -> None:
+    """Give ``path`` the mode that a new file or directory gets from the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def load_checkpoint(directory: str | Path, map_location: str = "cpu") -> HBLLModel:

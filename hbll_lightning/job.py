@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from hbll.checkpoint import save_checkpoint
+from hbll.checkpoint import apply_umask, save_checkpoint
 from hbll.recurrent import parse_method
 from hbll_lightning.cli import HBLLCLI
 from hbll_lightning.module import HBLLModule
@@ -86,11 +86,8 @@ class _ComparisonJob:
             )
         self.output_dir.parent.mkdir(parents=True, exist_ok=True)
         self.staging = Path(tempfile.mkdtemp(prefix=f".{self.output_dir.name}.partial-", dir=self.output_dir.parent))
-        # mkdtemp creates the directory for its owner only; output_dir gets the usual
-        # permissions of a new directory.
-        umask = os.umask(0)
-        os.umask(umask)
-        self.staging.chmod(0o777 & ~umask)
+        # mkdtemp creates the directory for its owner only.
+        apply_umask(self.staging)
 
     def run(self) -> dict:
         try:
@@ -142,7 +139,9 @@ class _ComparisonJob:
             "data": {"class_path": type(cli.datamodule).__qualname__},
             "trainer": {
                 key: cli.config.trainer.get(key)
-                for key in ("max_epochs", "max_steps", "limit_train_batches", "limit_test_batches", "accelerator")
+                for key in (
+                    "max_epochs", "max_steps", "limit_train_batches", "limit_val_batches", "limit_test_batches", "accelerator"
+                )
             },
             "smoke": bool(cli.config.smoke),
         }

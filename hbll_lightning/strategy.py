@@ -5,10 +5,10 @@
 ``spawn``. The strategy, not the LightningModule, picks the engine that executes a step,
 so one module trains in one process or tree-parallel across many.
 
-With one process it runs the reference engine on one device. With ``devices=P`` (times
-``num_nodes``) it starts P processes through Lightning's launchers, or joins the
-processes that ``torchrun`` or ``accelerate launch`` started, and trains one HBLL model
-across them (see ``hbll.distributed``).
+With one process it runs the engine that ``HBLLModule(engine=...)`` picks on one device.
+With ``devices=P`` (times ``num_nodes``) it starts P processes through Lightning's
+launchers, or joins the processes that ``torchrun`` or ``accelerate launch`` started, and
+trains one HBLL model across them (see ``hbll.distributed``).
 """
 
 from __future__ import annotations

@@ -29,7 +29,9 @@ def test_cli_run_writes_complete_output(job_files, tmp_path):
     assert {p.name for p in output_dir.iterdir()} >= {"report.json", "depth_vs_accuracy.png", "checkpoint", "hbll", "backprop"}
     assert not list(tmp_path.glob(".out.partial-*"))
     (tmp_path / "plain").mkdir()
+    (tmp_path / "plain.txt").write_text("")
     assert output_dir.stat().st_mode == (tmp_path / "plain").stat().st_mode
+    assert (output_dir / "checkpoint" / "model.safetensors").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
     report = json.loads((output_dir / "report.json").read_text())
     assert report["metric"] == "accuracy"
     assert report["processes"] == 1
