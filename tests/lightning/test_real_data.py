@@ -11,6 +11,7 @@ from hbll_lightning.data import FashionMNISTDataModule
 
 def test_fashion_mnist_short_run_beats_chance(tmp_path):
     seed_everything(0)
+    threads = torch.get_num_threads()
     torch.set_num_threads(2)
     data = FashionMNISTDataModule(batch_size=128)
     module = HBLLModule(ConvResNet(num_blocks=4, width=32), consistency_weight=0.3, lr=3e-3, warmup_steps=20)
@@ -19,8 +20,12 @@ def test_fashion_mnist_short_run_beats_chance(tmp_path):
         limit_test_batches=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path,
     )
-    trainer.fit(module, datamodule=data)
-    trainer.test(module, datamodule=data, verbose=False)
+    try:
+        trainer.fit(module, datamodule=data)
+        trainer.test(module, datamodule=data, verbose=False)
+    finally:
+        # Later tests in this process compare runs and must keep the thread count they had.
+        torch.set_num_threads(threads)
 
     rows = module.depth_metrics("test")
     assert [row["depth"] for row in rows] == [0, 1, 2]
