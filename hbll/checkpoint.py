@@ -50,7 +50,7 @@ def save_checkpoint(
 
 
 def apply_umask(path: Path) -> None:
-    """Give ``path`` the mode that a new file or directory gets from the umask."""
+    """Set ``path`` to the mode that the umask gives a new file or directory."""
     umask = os.umask(0)
     os.umask(umask)
     path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

@@ -360,8 +360,8 @@ class TreeParallel:
         self.owner = {pid: next(iter(ranks)) for pid, ranks in users.items() if len(ranks) == 1}
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.shared_parameters = [p for _, p in named if id(p) not in self.owner]
-        # A rank that should stop sets stop_requested; the next total_loss tells every rank
-        # at once, through stop_agreed, so all of them can stop after the same step.
+        # A rank that must stop sets stop_requested. The next total_loss sets stop_agreed on
+        # every rank at once, so all of them can stop after the same step.
         self.stop_requested = False
         self.stop_agreed = False
         self.owned_parameters = [p for _, p in named if self.owner.get(id(p)) == self.mesh.tree_rank]

@@ -191,7 +191,7 @@ class HBLLTrainer(Trainer):
 
     def get_total_train_batch_size(self, args: TrainingArguments) -> int:
         # The ranks of one tree group train on the same batch, so only the replicas add
-        # examples to a step; this count drives the logged batch size and samples per second.
+        # examples to a step. The Trainer logs this count and derives samples per second from it.
         if self.parallel is None:
             return super().get_total_train_batch_size(args)
         return self._train_batch_size * args.gradient_accumulation_steps * self.parallel.mesh.replicas

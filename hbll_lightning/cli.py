@@ -69,15 +69,15 @@ class HBLLCLI(LightningCLI):
         parser.add_argument("--methods", type=list[str], default=["hbll", "backprop"], help="methods that `hbll run` trains, in order: hbll, backprop")
         parser.add_argument("--smoke", type=bool, default=False, help="cap the run at a few batches to check that it works end to end")
         parser.add_argument("--overwrite", type=bool, default=False, help="let `hbll run` replace an output_dir that contains a previous run")
-        # HBLLStrategy runs every method of HBLLModule, in one process or several; Lightning's
-        # own choice for devices > 1 would be DDP, which cannot train the tree in parallel.
+        # HBLLStrategy runs every method of HBLLModule in one process or several. Lightning's
+        # own default for devices > 1 is DDP, which cannot train the tree in parallel.
         parser.set_defaults({"trainer.strategy": "hbll"})
 
     def parse_arguments(self, parser, args) -> None:
         if args is None:
             return super().parse_arguments(parser, args)
-        # `hbll` passes the command line as ``args``. Lightning warns when sys.argv also
-        # holds arguments, so the parse runs with an empty one. The process keeps its
+        # `hbll` passes the command line as ``args``, and Lightning warns when sys.argv also
+        # contains arguments, so the parse runs with an empty one. The process keeps its
         # argv, because Lightning runs it again to start each extra process.
         saved_argv = sys.argv
         sys.argv = sys.argv[:1]

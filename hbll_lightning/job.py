@@ -48,7 +48,7 @@ class _ComparisonJob:
         self.overwrite = False
         self.staging: Optional[Path] = None
         self.method = ""
-        # With several processes every one runs the whole job; only global rank 0 writes.
+        # With several processes every one runs the whole job, but only global rank 0 writes.
         self.is_main = True
 
     def configure(self, cli: HBLLCLI) -> None:
@@ -100,7 +100,7 @@ class _ComparisonJob:
             raise
         if not self.is_main:
             # Lightning writes logs and files from global rank 0 only, so the other
-            # processes' staging directories hold nothing of the run.
+            # processes' staging directories contain nothing of the run.
             shutil.rmtree(self.staging, ignore_errors=True)
         return report
 

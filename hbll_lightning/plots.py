@@ -48,9 +48,8 @@ def plot_depth_metric(report: dict, path: Path) -> Path:
 
 
 def _plot_paths(ax, report: dict, metric: str) -> None:
-    # A recurrent net has no level cuts: one point per method and evaluation path. The
-    # methods differ by a few percent, so points on an axis that starts near the lowest
-    # value show the gaps, where bars from 0 would hide them.
+    # A recurrent net has no level cuts, so each method gets one point per evaluation path.
+    # Points on an axis that starts near the lowest value show gaps that bars from 0 hide.
     methods = list(report["methods"])
     paths = [row["path"] for row in report["methods"][methods[0]]["test"]]
     offset = 0.3 / max(len(paths) - 1, 1)

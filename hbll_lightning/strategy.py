@@ -38,13 +38,13 @@ __all__ = ["HBLLStrategy", "AtomicCheckpointIO", "ProcessLayoutError"]
 log = logging.getLogger(__name__)
 
 
-# The processes that this process started as extra ranks. A later Trainer of the same job
-# finds the ranks running and starts none, so its launcher knows no process to signal.
+# Extra ranks that this process started. A later Trainer of the same job starts none, so
+# its launcher has no process to pass a signal to.
 _STARTED_RANKS: list[Any] = []
 
 
 def engine_label(engine: Any, device: torch.device) -> str:
-    """Name ``engine`` and ``device`` for the log, saying when a fused engine runs unbatched there."""
+    """Return the log name of ``engine`` on ``device``, noting when a fused engine runs unbatched there."""
     device_types = getattr(engine, "device_types", None)
     if device_types is not None and device.type not in device_types:
         return f"{engine.name} engine on {device}, one call at a time (it batches on {'/'.join(device_types)} only)"
@@ -52,7 +52,7 @@ def engine_label(engine: Any, device: torch.device) -> str:
 
 
 class ProcessLayoutError(ValueError):
-    """The processes of a run do not fit its model or its launcher."""
+    """Error for a process count that does not fit the model or the launcher."""
 
 
 def check_process_count(module: Any, processes: int) -> None:
@@ -120,7 +120,7 @@ class HBLLStrategy(DDPStrategy):
         self._device = torch.device(device) if device is not None else None
         self.engine: Optional[ReferenceEngine | BackpropEngine] = None
         self.parallel: Optional[TreeParallel] = None
-        # How many different batches one training step reads: one per data-parallel replica.
+        # Number of batches that one training step reads: one per data-parallel replica.
         self.data_replicas = 1
         self._layouts: list[list[list[torch.nn.Parameter]]] = []
 
@@ -174,9 +174,9 @@ class HBLLStrategy(DDPStrategy):
         return trainer is not None and trainer.state.stage is not None and trainer.state.stage.evaluating
 
     def process_dataloader(self, dataloader: object) -> object:
-        # Lightning's DistributedSampler pads every rank's shard to one size with repeated
-        # examples. Evaluation shards without repeats instead, so every example counts once
-        # and the metrics equal one process's; ranks may run one batch more than others.
+        # Lightning's DistributedSampler pads every rank's shard with repeated examples.
+        # Evaluation shards without repeats, so the metrics equal one process's, and a rank
+        # may run one batch more than another.
         sampler = getattr(dataloader, "sampler", None)
         if not self._evaluating() or type(sampler) is not DistributedSampler:
             return dataloader
@@ -264,24 +264,27 @@ class HBLLStrategy(DDPStrategy):
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        self._stop_on_sigterm_between_steps()
+        self._install_sigterm_handler()
 
     def on_validation_start(self) -> None:
-        self._stop_on_sigterm_between_steps()
+        self._install_sigterm_handler()
         self._sync()
 
     def on_test_start(self) -> None:
-        self._stop_on_sigterm_between_steps()
+        self._install_sigterm_handler()
         self._sync()
 
-    def _stop_on_sigterm_between_steps(self) -> None:
-        # Lightning's SIGTERM handler broadcasts from inside the handler. That broadcast can
-        # meet a tree message or gradient reduction of another rank, and both ranks then wait
-        # until the process group times out. This handler passes the signal on to the ranks
-        # this process started and records it. In training the step's loss all-reduce
-        # carries the record, so every rank sets Lightning's flag after the same step and
-        # all stop together. Evaluation batches need no collective, so there each rank sets
-        # the flag at once and stops at its next batch.
+    def _install_sigterm_handler(self) -> None:
+        """Replace Lightning's SIGTERM handler with one that stops all ranks at one point.
+
+        Lightning's handler broadcasts from inside the signal handler. That broadcast can
+        meet another rank's tree message or gradient reduction, and both ranks then wait
+        until the process group times out. This handler passes the signal on to the ranks
+        that this process started and records a stop request. In training the step's loss
+        all-reduce carries the request, so every rank sets Lightning's flag after the same
+        step. Evaluation batches run no collective, so there each rank sets the flag at
+        once and stops at its next batch.
+        """
         if not self.is_multiprocess or threading.current_thread() is not threading.main_thread():
             return
         started = getattr(self.launcher, "procs", None)
@@ -292,7 +295,7 @@ class HBLLStrategy(DDPStrategy):
 
         def on_sigterm(signum: int, frame: Any) -> None:
             nonlocal forwarded
-            log.info(f"rank {self.global_rank}: received signal {signum}; stopping after the current step")
+            log.info(f"rank {self.global_rank}: received signal {signum}, stopping after the current step")
             if not forwarded:
                 forwarded = True
                 for process in _STARTED_RANKS:

@@ -53,7 +53,7 @@ trainer:
 
 
 def write_job_files(directory: Path) -> tuple[Path, Path]:
-    """Write ``JOB_CONFIG`` and its tiny Fashion-MNIST files; return the config and data paths."""
+    """Write ``JOB_CONFIG`` and its tiny Fashion-MNIST files, and return the config and data paths."""
     data_dir = write_fashion_mnist(directory / "fashion-mnist", num_train=200, num_test=60)
     config = directory / "job.yaml"
     config.write_text(JOB_CONFIG)

@@ -150,7 +150,7 @@ def test_cli_help_lists_run(capsys):
     assert "hbll run --config CONFIG" in capsys.readouterr().out
 
 
-def test_cli_run_refuses_spawned_processes(job_files, tmp_path, capsys):
+def test_cli_run_rejects_spawn_start(job_files, tmp_path, capsys):
     config, data_dir = job_files
     code = _run(config, data_dir, tmp_path / "out", "--trainer.devices", "2", "--trainer.strategy", "hbll_spawn")
     assert code == 2
@@ -158,7 +158,7 @@ def test_cli_run_refuses_spawned_processes(job_files, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_run_refuses_two_processes_for_recurrent_net(tmp_path, capsys):
+def test_cli_run_rejects_multiprocess_recurrent_net(tmp_path, capsys):
     # The check runs before Lightning starts a second process, so it needs none.
     config = Path(__file__).parents[2] / "configs" / "shakespeare_rnn.yaml"
     code = main(["run", "--config", str(config), "--smoke", "true", "--trainer.devices", "2", "--output_dir", str(tmp_path / "out")])

@@ -94,7 +94,8 @@ def test_run_compares_methods_and_saves_a_loadable_checkpoint(tmp_path):
     assert main(["run", "--config", str(config), "--data.init_args.data_files", f"[{corpus}]", "--output_dir", str(output)]) == 0
     report = json.loads((output / "report.json").read_text())
     assert report["metric"] == "bits_per_char"
-    # Every character of the corpus occurs in the training split, plus the unknown id.
+    # The vocabulary is every character of the corpus (all occur in the training split)
+    # plus the unknown id.
     assert report["network"]["init_args"]["vocab_size"] == len(set(corpus.read_text())) + 1
     assert (output / "depth_vs_bits_per_char.png").is_file()
     hbll, truncated = report["methods"]["hbll"], report["methods"]["tbptt4"]

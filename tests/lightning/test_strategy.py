@@ -161,9 +161,10 @@ def test_strategy_drives_schedules_and_level_rates(tmp_path):
     assert rates == pytest.approx([1e-2 * 0.5**level for level in (3, 2, 1, 0)])
 
 
-def test_device_count_other_than_the_launchers_is_rejected(tmp_path, monkeypatch):
+def test_device_count_mismatch_is_rejected(tmp_path, monkeypatch):
     # What torchrun --nproc_per_node 2 sets, for a trainer set to one device.
     monkeypatch.setenv("WORLD_SIZE", "2")
     train, _ = _loaders()
-    with pytest.raises(ProcessLayoutError, match=r"launcher started 2 processes \(WORLD_SIZE=2\), but the trainer is set to devices=1"):
+    expected = r"launcher started 2 processes \(WORLD_SIZE=2\), but the trainer is set to devices=1"
+    with pytest.raises(ProcessLayoutError, match=expected):
         _trainer(tmp_path).fit(_module(), train)
